@@ -1,0 +1,38 @@
+# Two set-up commands: `make demo` and `make test`. Each creates .venv and installs first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Basin needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m experiments.curvature_demo --out runs/demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+# Peer tools (PyTorch CPU, PyHessian, loss-landscapes) live in their own environment.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip -q install torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip -q install -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) $(BENCH_VENV) runs *.egg-info
