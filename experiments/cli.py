@@ -1,0 +1,73 @@
+"""The `basin` command: run a study, report on a run directory, list shipped configs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from experiments import config as cfglib
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        print(f"basin: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="basin", description="Basin: the geometry of optimization.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="run a study (default: the sharpness-vs-generalization study)")
+    r.add_argument("config", nargs="?", help="a .toml path or the name of a shipped config")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (TOML literal), e.g. --set train.steps=500")
+    r.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    r.add_argument("--resume", metavar="DIR", help="continue a run, skipping finished groups")
+    r.add_argument("--no-report", action="store_true", help="skip writing the report")
+    rep = sub.add_parser("report", help="write report.md and figures for a run directory")
+    rep.add_argument("dir")
+    sub.add_parser("list", help="list the shipped configs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            for name in cfglib.list_configs():
+                cfg = cfglib.load(name)
+                print(f"{name:32s} {cfg['description']}")
+            return 0
+        if args.command == "report":
+            from experiments.report import write_report
+
+            print(write_report(args.dir))
+            return 0
+        if args.resume and (args.config or args.set):
+            raise cfglib.ConfigError("--resume takes the run's stored config; drop the "
+                                     "config and --set arguments")
+        from experiments.sweep import run
+
+        def log(msg: str) -> None:
+            print(f"basin: {msg}", file=sys.stderr, flush=True)
+
+        results = run(args.config, overrides=args.set, out=args.out, resume=args.resume,
+                      progress=sys.stderr.isatty(), log=log)
+        if not args.no_report:
+            from experiments.report import write_report
+
+            print(write_report(results.path))
+        else:
+            print(results.path)
+        return 0
+    except (cfglib.ConfigError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"basin: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("basin: interrupted; finished groups are stored (continue with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

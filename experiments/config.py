@@ -1,0 +1,221 @@
+"""Study configs: TOML files (data, never code), overrides, validation and the grid.
+
+A config has the tables `[data]`, `[model]`, `[optimizer]`, `[train]`, `[measure]` and
+`[sweep]`. Each key of `[sweep]` is a dotted path into the config (shorthands:
+`batch_size` → `train.batch_size`, `learning_rate` → `optimizer.learning_rate`,
+`seed` → `train.seed`) with a list of values; the grid is their product.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = "sharpness_vs_generalization"
+
+SHORTHANDS = {"batch_size": "train.batch_size", "learning_rate": "optimizer.learning_rate",
+              "seed": "train.seed"}
+
+# Values that may differ inside one compiled group (they are vmapped); everything else
+# that varies starts a new group (a new shape or a new program).
+VMAPPED = {"optimizer.learning_rate", "train.seed", "optimizer.momentum",
+           "optimizer.rho", "optimizer.weight_decay", "optimizer.b1", "optimizer.b2"}
+
+DEFAULTS: dict[str, Any] = {
+    "name": "study",
+    "description": "",
+    "data": {"name": "mnist1d", "num_train": 4000, "num_test": 1000},
+    "model": {"name": "mlp", "hidden": [100, 100], "activation": "relu"},
+    "optimizer": {"name": "sgd", "learning_rate": 0.1},
+    "train": {"batch_size": 128, "seed": 0, "steps": 1000, "epochs": 0,
+              "until_train_loss": 0.0, "record_every": 100, "loss": "cross_entropy"},
+    "measure": {"num_examples": 1000, "chunk_size": 1000, "measures": ["lambda_max"],
+                "rho": 0.05, "lanczos_steps": 20, "trace_probes": 30},
+    "sweep": {},
+}
+
+MEASURES = ("lambda_max", "trace")
+
+
+class ConfigError(ValueError):
+    """A user error in a config or an override; its message is one line."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One point of the grid: the fully resolved config of one training run."""
+
+    index: int
+    config: dict
+
+    def get(self, path: str) -> Any:
+        return get_path(self.config, path)
+
+
+def get_path(cfg: dict, path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"unknown config key '{path}'")
+        node = node[part]
+    return node
+
+
+def set_path(cfg: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown config key '{path}'")
+        node = node[part]
+    if parts[-1] not in node and parts[0] not in ("optimizer", "sweep"):
+        raise ConfigError(f"unknown config key '{path}'")
+    node[parts[-1]] = value
+
+
+def config_path(name_or_path: str | None) -> Path:
+    """A config file: a path, or the name of one shipped in `configs/`."""
+    name = name_or_path or DEFAULT_CONFIG
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    shipped = resources.files("configs") / f"{path.stem}.toml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"no config '{name}': give a .toml path or one of "
+                      f"{', '.join(list_configs())}")
+
+
+def list_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("configs").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if key not in out and where.split(".")[0] not in ("optimizer", "sweep"):
+            raise ConfigError(f"unknown config key '{path}'")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, f"{path}.")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with a TOML literal value (`lr=0.1`, `sweep.seed=[0,1]`, `name="x"`)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    return key, value
+
+
+def load(name_or_path: str | None = None, overrides: list[str] = ()) -> dict:
+    """Read a config (path or shipped name), apply `key=value` overrides, validate."""
+    path = config_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    cfg = _merge(DEFAULTS, raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        key = SHORTHANDS.get(key, key) if not key.startswith("sweep.") else key
+        set_path(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate(cfg: dict) -> None:
+    """Check types and ranges of a resolved config (grid values included)."""
+    _check(cfg["data"]["name"] in ("mnist1d",),
+           f"data.name must be 'mnist1d', got {cfg['data']['name']!r}")
+    _check(cfg["model"]["name"] in ("mlp",), f"model.name must be 'mlp', got "
+                                             f"{cfg['model']['name']!r}")
+    hidden = cfg["model"]["hidden"]
+    _check(isinstance(hidden, list) and all(isinstance(h, int) and h > 0 for h in hidden),
+           f"model.hidden must be a list of positive integers, got {hidden!r}")
+    tr = cfg["train"]
+    for key in ("steps", "epochs", "record_every"):
+        _check(isinstance(tr[key], int) and not isinstance(tr[key], bool) and tr[key] >= 0,
+               f"train.{key} must be a non-negative integer, got {tr[key]!r}")
+    _check(tr["steps"] > 0 or tr["epochs"] > 0, "set train.steps or train.epochs above 0")
+    _check(tr["record_every"] > 0, "train.record_every must be positive")
+    _check(_is_number(tr["until_train_loss"]) and tr["until_train_loss"] >= 0,
+           f"train.until_train_loss must be a number >= 0, got {tr['until_train_loss']!r}")
+    ms = cfg["measure"]
+    _check(isinstance(ms["measures"], list) and all(m in MEASURES for m in ms["measures"]),
+           f"measure.measures must be a list drawn from {', '.join(MEASURES)}; "
+           f"got {ms['measures']!r}")
+    for key in ("num_examples", "chunk_size", "lanczos_steps", "trace_probes"):
+        _check(isinstance(ms[key], int) and ms[key] > 0,
+               f"measure.{key} must be a positive integer, got {ms[key]!r}")
+    _check(_is_number(ms["rho"]) and ms["rho"] > 0, f"measure.rho must be > 0, got "
+                                                     f"{ms['rho']!r}")
+    sweep = cfg["sweep"]
+    _check(isinstance(sweep, dict), "[sweep] must be a table of lists")
+    for key, values in sweep.items():
+        _check(isinstance(values, list) and len(values) > 0,
+               f"sweep.{key} must be a non-empty list, got {values!r}")
+        path = SHORTHANDS.get(key, key)
+        get_path(cfg, path) if not path.startswith("optimizer.") else None
+    num_train = cfg["data"]["num_train"]
+    for member in expand(cfg):
+        bs = member.get("train.batch_size")
+        _check(isinstance(bs, int) and bs > 0, f"train.batch_size must be a positive "
+                                               f"integer, got {bs!r}")
+        _check(bs <= num_train, f"batch size {bs} is larger than the training set "
+                                f"({num_train} examples)")
+        lr = member.get("optimizer.learning_rate")
+        _check(_is_number(lr) and lr > 0, f"optimizer.learning_rate must be > 0, got {lr!r}")
+        _check(isinstance(member.get("train.seed"), int), "train.seed must be an integer")
+
+
+def expand(cfg: dict) -> list[Member]:
+    """The grid: one `Member` per combination of the `[sweep]` values, in order."""
+    keys = list(cfg["sweep"])
+    members = []
+    for i, combo in enumerate(itertools.product(*(cfg["sweep"][k] for k in keys))):
+        resolved = copy.deepcopy({k: v for k, v in cfg.items() if k != "sweep"})
+        for key, value in zip(keys, combo):
+            set_path(resolved, SHORTHANDS.get(key, key), value)
+        members.append(Member(i, resolved))
+    return members
+
+
+def swept_paths(cfg: dict) -> list[str]:
+    return [SHORTHANDS.get(k, k) for k in cfg["sweep"]]
+
+
+def group_key(member: Member, cfg: dict) -> str:
+    """Members with equal keys share shapes and a program: one compilation, vmapped."""
+    fixed = {p: member.get(p) for p in swept_paths(cfg) if p not in VMAPPED}
+    return json.dumps(fixed, sort_keys=True)
+
+
+def groups(cfg: dict) -> dict[str, list[Member]]:
+    out: dict[str, list[Member]] = {}
+    for m in expand(cfg):
+        out.setdefault(group_key(m, cfg), []).append(m)
+    return out

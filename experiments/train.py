@@ -1,0 +1,171 @@
+"""One group of a sweep as one jitted program: `lax.scan` over steps, `vmap` over members.
+
+Members of a group share shapes (batch size, model, optimizer) and differ in vmapped
+values (learning rate, seed, numeric optimizer hyper-parameters). Mini-batches are
+gathered on device from a permutation drawn at each epoch boundary (exact epochs; the
+last partial batch of each epoch is dropped). A member whose loss or parameters become
+non-finite is marked diverged and frozen; one that reaches `until_train_loss` (mean
+mini-batch loss over a record window) is marked converged and frozen; the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import landscape as ls
+from experiments.models import MLP, pure
+
+RUNNING, DIVERGED, CONVERGED = 0, 1, 2
+STATUS_NAMES = {RUNNING: "finished", DIVERGED: "diverged", CONVERGED: "converged"}
+
+
+class Model(NamedTuple):
+    apply_fn: Callable[[Any, Any], Any]
+    init: Callable[[jax.Array], Any]
+
+
+def build_model(model_cfg: dict, num_features: int, num_classes: int) -> Model:
+    sizes = (num_features, *model_cfg["hidden"], num_classes)
+    activation = model_cfg["activation"]
+    apply_fn, _ = pure(MLP(sizes, activation=activation, rngs=nnx.Rngs(0)))
+
+    def init(key):
+        return pure(MLP(sizes, activation=activation, rngs=nnx.Rngs(key)))[1]
+
+    return Model(apply_fn, init)
+
+
+def loss_function(apply_fn, loss: str):
+    fn = {"cross_entropy": ls.cross_entropy, "mse": ls.mse}[loss]
+
+    def loss_fn(params, batch):
+        inputs, targets = batch
+        if loss == "mse":  # regression on one-hot targets
+            targets = jax.nn.one_hot(targets, apply_fn(params, inputs[:1]).shape[-1])
+        return fn(apply_fn(params, inputs), targets)
+
+    return loss_fn
+
+
+def build_optimizer(opt_cfg: dict, hyper: dict[str, jax.Array],
+                    total_steps: int) -> optax.GradientTransformation:
+    """The member's optimizer; `hyper` holds its (possibly traced) numeric hyper-parameters.
+
+    `schedule = "cosine"` decays the learning rate to zero over the training budget.
+    """
+    name = opt_cfg["name"]
+    kw = {k: v for k, v in opt_cfg.items() if k not in ("name", "schedule")}
+    kw.update(hyper)
+    lr = kw["learning_rate"]
+    if opt_cfg.get("schedule", "constant") == "cosine":
+        lr = optax.cosine_decay_schedule(lr, total_steps)
+    if name == "sgd":
+        return optax.sgd(lr, momentum=kw.get("momentum"))
+    if name == "adam":
+        return optax.adam(lr)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
+class GroupOutput(NamedTuple):
+    params: Any  # stacked over members
+    status: jax.Array  # (M,) int
+    steps: jax.Array  # (M,) steps taken
+    curve: jax.Array  # (M, R) mean mini-batch loss per record window (NaN once stopped)
+
+
+def total_steps(train_cfg: dict, num_train: int, batch_size: int) -> int:
+    if train_cfg["epochs"] > 0:
+        return train_cfg["epochs"] * (num_train // batch_size)
+    return train_cfg["steps"]
+
+
+def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size: int,
+                       x: jax.Array, y: jax.Array,
+                       on_window: Callable[[Any], None] | None = None) -> Callable:
+    """`program(hyper: dict of (M,) arrays, seeds: (M,) ints) -> GroupOutput`, jitted.
+
+    `on_window(r)` is called on the host after each record window (progress bars).
+    """
+    n = x.shape[0]
+    per_epoch = n // batch_size
+    steps = total_steps(train_cfg, n, batch_size)
+    every = train_cfg["record_every"]
+    records = math.ceil(steps / every)
+    target = float(train_cfg["until_train_loss"])
+    loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
+
+    def start(hyper, seed):
+        k_init, k_data = jax.random.split(jax.random.key(seed))
+        params = model.init(k_init)
+        opt_state = build_optimizer(opt_cfg, hyper, steps).init(params)
+        return params, opt_state, jnp.arange(n), jnp.asarray(RUNNING), k_data
+
+    def window(r, hyper, params, opt_state, perm, status, k_data):
+        """`every` steps of one member; `r` (the window index) is shared by all members."""
+        opt = build_optimizer(opt_cfg, hyper, steps)
+
+        def step(carry, t):
+            params, opt_state, perm, status, total, count = carry
+            epoch, pos = t // per_epoch, t % per_epoch
+            perm = jax.lax.cond(
+                pos == 0, lambda: jax.random.permutation(jax.random.fold_in(k_data, epoch), n),
+                lambda: perm)
+            idx = jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
+            loss, grads = jax.value_and_grad(loss_fn)(params, (x[idx], y[idx]))
+            updates, new_state = opt.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            active = (status == RUNNING) & (t < steps)
+            finite = jnp.isfinite(loss) & _all_finite(new_params)
+            status = jnp.where(active & ~finite, DIVERGED, status)
+            keep = active & finite
+            params = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_params, params)
+            opt_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_state, opt_state)
+            total = total + jnp.where(keep, loss, 0.0)
+            return (params, opt_state, perm, status, total, count + keep), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (params, opt_state, perm, status, total, count), _ = jax.lax.scan(
+            step, (params, opt_state, perm, status, zero, jnp.zeros((), jnp.int32)),
+            r * every + jnp.arange(every))
+        mean = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+        if target > 0:
+            status = jnp.where((status == RUNNING) & (mean < target), CONVERGED, status)
+        return params, opt_state, perm, status, mean, count
+
+    @jax.jit
+    def program(hyper, seeds):
+        params, opt_state, perm, status, k_data = jax.vmap(start)(hyper, seeds)
+        m = seeds.shape[0]
+
+        # The window loop sits outside vmap so its counter stays shared (the epoch
+        # permutation's `cond` stays a branch) and the group stops once every member has.
+        def going(carry):
+            r, _, _, _, status, _, _ = carry
+            return (r < records) & jnp.any(status == RUNNING)
+
+        def body(carry):
+            r, params, opt_state, perm, status, curve, taken = carry
+            if on_window is not None:
+                jax.debug.callback(on_window, r)
+            params, opt_state, perm, status, mean, count = jax.vmap(
+                window, in_axes=(None, 0, 0, 0, 0, 0, 0))(r, hyper, params, opt_state, perm,
+                                                          status, k_data)
+            return (r + 1, params, opt_state, perm, status, curve.at[:, r].set(mean),
+                    taken + count)
+
+        init = (jnp.asarray(0), params, opt_state, perm, status,
+                jnp.full((m, records), jnp.nan, jnp.float32), jnp.zeros((m,), jnp.int32))
+        _, params, _, _, status, curve, taken = jax.lax.while_loop(going, body, init)
+        return GroupOutput(params, status, taken, curve)
+
+    return program
