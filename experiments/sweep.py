@@ -34,6 +34,7 @@ from experiments.train import (
     build_model,
     loss_function,
     make_group_program,
+    total_steps,
 )
 
 
@@ -99,8 +100,14 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
-              num_classes: int, progress: bool = False) -> tuple[list[dict], float, float]:
-    """Train and measure one group; returns (member rows, seconds, compile seconds)."""
+              num_classes: int, progress: bool = False,
+              cache: dict | None = None) -> tuple[list[dict], float, float]:
+    """Train and measure one group; returns (member rows, seconds, compile seconds).
+
+    `cache` keeps compiled measure programs between groups: every group of a study
+    measures the same parameter shapes on the same data, so it compiles once.
+    """
+    cache = {} if cache is None else cache
     first = members[0]
     model = build_model(first.config["model"], train[0].shape[1], num_classes)
     opt_cfg = dict(first.config["optimizer"])
@@ -121,7 +128,6 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
     mesh = Mesh(np.array(devices), ("members",)) if len(devices) > 1 else None
     hyper, seeds = _shard(hyper, mesh), _shard(seeds, mesh)
 
-    from experiments.train import total_steps
     steps = total_steps(train_cfg, train[0].shape[0], batch_size)
     bar = _progress(steps, f"batch {batch_size}", progress)
     callback = None if bar is None else (lambda r: bar.update(
@@ -134,9 +140,13 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
     out = jax.block_until_ready(compiled(hyper, seeds))
     if bar is not None:
         bar.close()
-    loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
-    measure = make_measure_program(model.apply_fn, loss_fn, first.config["measure"], train,
-                                   test)
+    measure_key = json.dumps([first.config["model"], first.config["measure"],
+                              train_cfg["loss"]], sort_keys=True)
+    if measure_key not in cache:
+        loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
+        cache[measure_key] = make_measure_program(model.apply_fn, loss_fn,
+                                                  first.config["measure"], train, test)
+    measure = cache[measure_key]
     measures = jax.device_get(measure(out.params, jax.random.key(train_cfg["seed"])))
     seconds = time.perf_counter() - t0
 
@@ -203,9 +213,10 @@ def run(config: dict | str | None = None, *, overrides: list[str] = (),
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), desc="groups", unit="group", file=sys.stderr)
+        cache: dict = {}
         for key, members in todo:
             rows, seconds, compile_seconds = run_group(cfg, key, members, train, test,
-                                                       num_classes, progress)
+                                                       num_classes, progress, cache)
             store.write_group(key, rows, seconds, compile_seconds)
             counts = {s: sum(r["status"] == s for r in rows) for s in
                       ("converged", "finished", "unconverged", "diverged")}

@@ -1,0 +1,79 @@
+"""Config parsing, overrides, grid expansion and every user error of the CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import config as cfglib
+
+TINY = str(Path(__file__).with_name("tiny.toml"))
+
+
+def test_grid_expands_and_groups_by_shape():
+    cfg = cfglib.load(TINY)
+    members = cfglib.expand(cfg)
+    assert len(members) == 2 * 2 * 2
+    assert {m.get("train.batch_size") for m in members} == {16, 64}
+    groups = cfglib.groups(cfg)
+    # learning rate and seed are vmapped; batch size changes shapes
+    assert len(groups) == 2 and all(len(g) == 4 for g in groups.values())
+
+
+def test_overrides_are_toml_literals_with_shorthands():
+    cfg = cfglib.load(TINY, ["train.steps=7", "sweep.seed=[3]", 'name="x"',
+                             "optimizer.momentum=0.5"])
+    assert cfg["train"]["steps"] == 7 and cfg["sweep"]["seed"] == [3]
+    assert cfg["name"] == "x" and cfg["optimizer"]["momentum"] == 0.5
+    assert cfglib.load(TINY, ["batch_size=32", "sweep.batch_size=[8]"])["train"]["batch_size"] == 32
+
+
+def test_default_config_grid_and_measures_without_running_it():
+    cfg = cfglib.load(None)
+    sweep = cfg["sweep"]
+    assert min(sweep["batch_size"]) <= 16 and max(sweep["batch_size"]) >= 1024
+    assert len(sweep["batch_size"]) >= 4 and len(sweep["learning_rate"]) >= 3
+    assert len(sweep["seed"]) >= 2
+    assert {"lambda_max", "trace"} <= set(cfg["measure"]["measures"])
+    assert cfg["data"]["name"] == "mnist1d" and cfg["model"]["name"] == "mlp"
+    assert cfg["train"]["until_train_loss"] > 0  # trained towards near-zero loss
+    assert "sharpness_vs_generalization" in cfglib.list_configs()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--set", "train.steps=\"many\""], "train.steps must be a non-negative integer"),
+    (["--set", "sweep.learning_rate=[-0.1]"], "learning_rate must be > 0"),
+    (["--set", "sweep.batch_size=[100000]"], "larger than the training set"),
+    (["--set", "measure.measures=[\"curvyness\"]"], "measure.measures must be a list"),
+    (["--set", "steps"], "--set expects key=value"),
+    (["--set", "model.hidden=[0]"], "model.hidden"),
+])
+def test_cli_user_errors_are_one_line_without_traceback(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "run", TINY, *args,
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unreadable_and_unknown_configs(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed\n")
+    for target, message in [(str(bad), "cannot read config"),
+                            ("no_such_study", "no config 'no_such_study'")]:
+        proc = subprocess.run([sys.executable, "-m", "experiments.cli", "run", target],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "report",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+def test_cli_list_names_the_shipped_configs():
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "list"],
+                          capture_output=True, text=True, check=True)
+    assert "sharpness_vs_generalization" in proc.stdout
