@@ -30,11 +30,14 @@ VMAPPED = {"optimizer.learning_rate", "train.seed", "optimizer.momentum",
 DEFAULTS: dict[str, Any] = {
     "name": "study",
     "description": "",
-    "data": {"name": "mnist1d", "num_train": 4000, "num_test": 1000},
-    "model": {"name": "mlp", "hidden": [100, 100], "activation": "relu"},
+    "data": {"name": "mnist1d", "num_train": 4000, "num_test": 1000, "seed": 0},
+    "model": {"name": "mlp", "hidden": [100, 100], "activation": "relu",
+              "channels": [16, 32, 32], "kernel_size": 5, "width": 16, "depth": 4,
+              "skip": True},
     "optimizer": {"name": "sgd", "learning_rate": 0.1},
     "train": {"batch_size": 128, "seed": 0, "steps": 1000, "epochs": 0,
-              "until_train_loss": 0.0, "record_every": 100, "loss": "cross_entropy"},
+              "until_train_loss": 0.0, "record_every": 100, "loss": "cross_entropy",
+              "diverge_above": 100.0},
     "measure": {"num_examples": 1000, "chunk_size": 1000, "measures": ["lambda_max"],
                 "rho": 0.05, "lanczos_steps": 20, "trace_probes": 30},
     "sweep": {},
@@ -149,13 +152,20 @@ def _is_number(x: Any) -> bool:
 
 def validate(cfg: dict) -> None:
     """Check types and ranges of a resolved config (grid values included)."""
-    _check(cfg["data"]["name"] in ("mnist1d",),
-           f"data.name must be 'mnist1d', got {cfg['data']['name']!r}")
-    _check(cfg["model"]["name"] in ("mlp",), f"model.name must be 'mlp', got "
-                                             f"{cfg['model']['name']!r}")
-    hidden = cfg["model"]["hidden"]
-    _check(isinstance(hidden, list) and all(isinstance(h, int) and h > 0 for h in hidden),
-           f"model.hidden must be a list of positive integers, got {hidden!r}")
+    _check(cfg["data"]["name"] in ("mnist1d", "teacher_student"),
+           f"data.name must be 'mnist1d' or 'teacher_student', got {cfg['data']['name']!r}")
+    model = cfg["model"]
+    _check(model["name"] in ("mlp", "cnn", "resnet"),
+           f"model.name must be 'mlp', 'cnn' or 'resnet', got {model['name']!r}")
+    for key in ("hidden", "channels"):
+        v = model[key]
+        _check(isinstance(v, list) and all(isinstance(h, int) and h > 0 for h in v),
+               f"model.{key} must be a list of positive integers, got {v!r}")
+    for key in ("kernel_size", "width", "depth"):
+        _check(isinstance(model[key], int) and model[key] > 0,
+               f"model.{key} must be a positive integer, got {model[key]!r}")
+    _check(isinstance(model["skip"], bool), f"model.skip must be true or false, got "
+                                            f"{model['skip']!r}")
     tr = cfg["train"]
     for key in ("steps", "epochs", "record_every"):
         _check(isinstance(tr[key], int) and not isinstance(tr[key], bool) and tr[key] >= 0,
@@ -164,6 +174,10 @@ def validate(cfg: dict) -> None:
     _check(tr["record_every"] > 0, "train.record_every must be positive")
     _check(_is_number(tr["until_train_loss"]) and tr["until_train_loss"] >= 0,
            f"train.until_train_loss must be a number >= 0, got {tr['until_train_loss']!r}")
+    _check(_is_number(tr["diverge_above"]) and tr["diverge_above"] > 0,
+           f"train.diverge_above must be a number > 0, got {tr['diverge_above']!r}")
+    _check(tr["loss"] in ("cross_entropy", "mse"),
+           f"train.loss must be 'cross_entropy' or 'mse', got {tr['loss']!r}")
     ms = cfg["measure"]
     _check(isinstance(ms["measures"], list) and all(m in MEASURES for m in ms["measures"]),
            f"measure.measures must be a list drawn from {', '.join(MEASURES)}; "

@@ -49,3 +49,20 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, train_split: float = 0.8) -
         np.random.set_state(np_state)
     return Dataset(d["x"].astype(np.float32), d["y"].astype(np.int32),
                    d["x_test"].astype(np.float32), d["y_test"].astype(np.int32))
+
+
+def teacher_student(num_train: int = 512, num_test: int = 256, *, dim: int = 20,
+                    num_classes: int = 4, hidden: int = 32, seed: int = 0) -> Dataset:
+    """Labels from a random one-hidden-layer tanh teacher on Gaussian inputs.
+
+    A small, exactly learnable classification task for fast tests: the labels are the
+    arg-max of the teacher's outputs, so a wide enough student can reach zero error.
+    """
+    if min(num_train, num_test, dim, hidden) < 1 or num_classes < 2:
+        raise ValueError("teacher_student needs positive sizes and num_classes >= 2.")
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(dim, hidden)) / np.sqrt(dim)
+    w2 = rng.normal(size=(hidden, num_classes)) / np.sqrt(hidden)
+    x = rng.normal(size=(num_train + num_test, dim)).astype(np.float32)
+    y = np.argmax(np.tanh(x @ w1) @ w2, axis=1).astype(np.int32)
+    return Dataset(x[:num_train], y[:num_train], x[num_train:], y[num_train:])

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments import config as cfglib
-from experiments.data import mnist1d
+from experiments.data import mnist1d, teacher_student
 from experiments.measure import make_measure_program
 from experiments.store import Store
 from experiments.train import (
@@ -80,7 +80,10 @@ def _shard(tree: Any, mesh: Mesh | None) -> Any:
 
 def _load_data(cfg: dict):
     d = cfg["data"]
-    data = mnist1d()
+    if d["name"] == "teacher_student":
+        data = teacher_student(d["num_train"], d["num_test"], seed=d["seed"])
+    else:
+        data = mnist1d()
     if not 0 < d["num_train"] <= len(data.y_train) or not 0 < d["num_test"] <= len(data.y_test):
         raise cfglib.ConfigError(
             f"data.num_train must be in 1..{len(data.y_train)} and data.num_test in "

@@ -4,7 +4,7 @@ Members of a group share shapes (batch size, model, optimizer) and differ in vma
 values (learning rate, seed, numeric optimizer hyper-parameters). Mini-batches are
 gathered on device from a permutation drawn at each epoch boundary (exact epochs; the
 last partial batch of each epoch is dropped). A member whose loss or parameters become
-non-finite is marked diverged and frozen; one that reaches `until_train_loss` (mean
+non-finite, or whose mini-batch loss exceeds `diverge_above`, is marked diverged and frozen; one that reaches `until_train_loss` (mean
 mini-batch loss over a record window) is marked converged and frozen; the others go on.
 """
 
@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 import landscape as ls
-from experiments.models import MLP, pure
+from experiments.models import CNN1D, MLP, ResNet1D, pure
 
 RUNNING, DIVERGED, CONVERGED = 0, 1, 2
 STATUS_NAMES = {RUNNING: "finished", DIVERGED: "diverged", CONVERGED: "converged"}
@@ -31,14 +31,24 @@ class Model(NamedTuple):
 
 
 def build_model(model_cfg: dict, num_features: int, num_classes: int) -> Model:
-    sizes = (num_features, *model_cfg["hidden"], num_classes)
-    activation = model_cfg["activation"]
-    apply_fn, _ = pure(MLP(sizes, activation=activation, rngs=nnx.Rngs(0)))
-
-    def init(key):
-        return pure(MLP(sizes, activation=activation, rngs=nnx.Rngs(key)))[1]
-
-    return Model(apply_fn, init)
+    """The config's model as pure `apply_fn(params, x)` and `init(key) -> params`."""
+    name = model_cfg["name"]
+    if name == "mlp":
+        def construct(rngs):
+            return MLP((num_features, *model_cfg["hidden"], num_classes),
+                       activation=model_cfg["activation"], rngs=rngs)
+    elif name == "cnn":
+        def construct(rngs):
+            return CNN1D(num_classes, tuple(model_cfg["channels"]),
+                         kernel_size=model_cfg["kernel_size"],
+                         activation=model_cfg["activation"], rngs=rngs)
+    else:
+        def construct(rngs):
+            return ResNet1D(num_classes, width=model_cfg["width"], depth=model_cfg["depth"],
+                            kernel_size=model_cfg["kernel_size"], skip=model_cfg["skip"],
+                            rngs=rngs)
+    apply_fn, _ = pure(construct(nnx.Rngs(0)))
+    return Model(apply_fn, lambda key: pure(construct(nnx.Rngs(key)))[1])
 
 
 def loss_function(apply_fn, loss: str):
@@ -102,6 +112,7 @@ def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size:
     every = train_cfg["record_every"]
     records = math.ceil(steps / every)
     target = float(train_cfg["until_train_loss"])
+    diverge_above = float(train_cfg["diverge_above"])
     loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
 
     def start(hyper, seed):
@@ -125,7 +136,8 @@ def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size:
             updates, new_state = opt.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             active = (status == RUNNING) & (t < steps)
-            finite = jnp.isfinite(loss) & _all_finite(new_params)
+            finite = (jnp.isfinite(loss) & (loss <= diverge_above)
+                      & _all_finite(new_params))
             status = jnp.where(active & ~finite, DIVERGED, status)
             keep = active & finite
             params = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_params, params)

@@ -49,3 +49,37 @@ def test_bad_model_arguments():
         MLP((2, 2), activation="swish", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="sizes"):
         MLP((2,), rngs=nnx.Rngs(0))
+
+
+def test_cnn_and_resnet_equal_their_plain_forward_passes():
+    from experiments.models import CNN1D, ResNet1D
+
+    x = jax.random.normal(jax.random.key(0), (3, 40))
+    conv = lambda z, p, stride=1: jax.lax.conv_general_dilated(  # noqa: E731
+        z, p["kernel"], (stride,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")) + p["bias"]
+    cnn = CNN1D(10, channels=(4, 6), rngs=nnx.Rngs(1))
+    apply_fn, params = pure(cnn)
+    h = jax.nn.relu(conv(x[..., None], params["convs"][0]))
+    h = jax.nn.relu(conv(h, params["convs"][1], 2))
+    ref = h.mean(1) @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(apply_fn(params, x), ref, rtol=1e-5, atol=1e-5)
+    for skip in (True, False):
+        net = ResNet1D(10, width=4, depth=2, skip=skip, rngs=nnx.Rngs(2))
+        apply_fn, params = pure(net)
+        h = jax.nn.relu(conv(x[..., None], params["stem"]))
+        for block in params["blocks"].values():
+            out = conv(jax.nn.relu(conv(h, block[0])), block[1])
+            h = jax.nn.relu(out + h if skip else out)
+        ref = h.mean(1) @ params["head"]["kernel"] + params["head"]["bias"]
+        np.testing.assert_allclose(apply_fn(params, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_student_is_deterministic_with_every_class_present():
+    from experiments.data import teacher_student
+
+    a, b = teacher_student(seed=3), teacher_student(seed=3)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert a.x_train.shape == (512, 20) and a.num_classes == 4
+    assert len(np.unique(a.y_train)) == 4
+    with pytest.raises(ValueError):
+        teacher_student(num_classes=1)
