@@ -4,8 +4,9 @@ Members of a group share shapes (batch size, model, optimizer) and differ in vma
 values (learning rate, seed, numeric optimizer hyper-parameters). Mini-batches are
 gathered on device from a permutation drawn at each epoch boundary (exact epochs; the
 last partial batch of each epoch is dropped). A member whose loss or parameters become
-non-finite, or whose mini-batch loss exceeds `diverge_above`, is marked diverged and frozen; one that reaches `until_train_loss` (mean
-mini-batch loss over a record window) is marked converged and frozen; the others go on.
+non-finite, or whose mini-batch loss exceeds `diverge_above`, is marked diverged and
+frozen; one that reaches `until_train_loss` (mean mini-batch loss over a record window)
+is marked converged and frozen; the others go on.
 """
 
 from __future__ import annotations
