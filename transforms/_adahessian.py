@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax import tree as otu
+
+from transforms._checks import fraction, nonnegative, positive_int, unit_interval
 
 __all__ = ["AdaHessianState", "adahessian", "hutchinson_diagonal", "scale_by_adahessian",
            "spatial_average"]
@@ -58,7 +60,7 @@ def scale_by_adahessian(
     eps: Any = 1e-4,
     hessian_power: Any = 1.0,
     update_interval: int = 1,
-    spatial_averaging: Optional[Callable[[jax.Array], jax.Array]] = spatial_average,
+    spatial_averaging: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales updates by AdaHessian's curvature: m̂ / ((√v̂)^k + ε).
 
@@ -79,17 +81,18 @@ def scale_by_adahessian(
       update_interval: re-estimate the Hessian diagonal every this many steps (a
         `lax.cond`: the cost is paid only on those steps unless a `vmap` batches the
         step counter).
-      spatial_averaging: map applied to each leaf's D (default `spatial_average`);
-        None uses |D| as is.
+      spatial_averaging: apply `spatial_average` to each leaf's D (kernels of rank
+        ≥ 3 in the Flax layout); False uses |D| as is.
 
     Example:
       >>> opt = optax.chain(tx.scale_by_adahessian(), optax.scale(-0.15))
     """
-    if isinstance(update_interval, bool) or not isinstance(update_interval, int) or \
-            update_interval < 1:
-        raise ValueError(f"`update_interval` must be a positive integer; got "
-                         f"{update_interval!r}.")
-    average = spatial_averaging if spatial_averaging is not None else jnp.abs
+    unit_interval(b1, "b1")
+    unit_interval(b2, "b2")
+    nonnegative(eps, "eps")
+    fraction(hessian_power, "hessian_power")
+    positive_int(update_interval, "update_interval")
+    average = spatial_average if spatial_averaging else jnp.abs
 
     def init_fn(params):
         return AdaHessianState(count=jnp.zeros([], jnp.int32),
@@ -125,8 +128,7 @@ def scale_by_adahessian(
 
 def adahessian(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any = 0.999,
                eps: Any = 1e-4, weight_decay: Any = 0.0, hessian_power: Any = 1.0,
-               update_interval: int = 1,
-               spatial_averaging: Optional[Callable] = spatial_average
+               update_interval: int = 1, spatial_averaging: bool = True
                ) -> optax.GradientTransformationExtraArgs:
     """AdaHessian: w ← w − η (m̂ / ((√v̂)^k + ε) + λ w), with decoupled weight decay λ.
 

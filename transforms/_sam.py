@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
+from transforms._checks import optional, positive, positive_int, schedule_or, nonnegative
+
 __all__ = [
     "SharpnessAwareState", "asam", "asam_ascent", "gsam", "sam", "sam_ascent",
     "sharpness_aware",
@@ -66,6 +68,8 @@ def asam_ascent(eta: Any = 0.01, mask: Any = None,
       >>> opt = optax.chain(tx.sharpness_aware(0.5, ascent=tx.asam_ascent(0.01)),
       ...                   optax.sgd(0.1, momentum=0.9))
     """
+    positive(eta, "eta")
+
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("asam_ascent needs `params` (T_w = |w| + eta).")
@@ -138,9 +142,9 @@ def sharpness_aware(
     """
     ascent = sam_ascent() if ascent is None else ascent
     rho_fn, alpha_fn = _as_schedule(rho), _as_schedule(alpha)
-    if num_chunks is not None and (isinstance(num_chunks, bool) or
-                                   not isinstance(num_chunks, int) or num_chunks < 1):
-        raise ValueError(f"`num_chunks` must be a positive integer or None; got {num_chunks!r}.")
+    schedule_or(nonnegative)(rho, "rho")
+    schedule_or(nonnegative)(alpha, "alpha")
+    optional(positive_int)(num_chunks, "num_chunks")
 
     def perturbed_grad(grad_of, g, params, r):
         direction, _ = ascent.update(g, ascent.init(params), params)

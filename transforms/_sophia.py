@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from optax import contrib
 
+from transforms._checks import choice, positive_int
+
 __all__ = ["gauss_newton_bartlett", "sophia_g", "sophia_h"]
 
 _LOSSES = ("cross_entropy", "mse")
@@ -43,8 +45,7 @@ def gauss_newton_bartlett(loss: str = "cross_entropy") -> optax.GradientTransfor
       >>> updates, state = opt.update(g, state, params,
       ...     output_fn=lambda p: apply_fn(p, x), key=jax.random.key(step))
     """
-    if loss not in _LOSSES:
-        raise ValueError(f"`loss` must be one of {_LOSSES}; got {loss!r}.")
+    choice(*_LOSSES)(loss, "loss")
 
     def update_fn(updates, state, params=None, *, output_fn=None, key=None, **extra_args):
         del updates, extra_args
@@ -92,6 +93,7 @@ def sophia_h(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0
       >>> updates, state = opt.update(g, state, params,
       ...                             obj_fn=lambda p: loss_fn(p, batch))
     """
+    positive_int(update_interval, "update_interval")
     return contrib.sophia(
         learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, gamma=gamma,
         clip_threshold=clip_threshold, update_interval=update_interval,
@@ -115,6 +117,7 @@ def sophia_g(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0
       >>> opt = tx.sophia_g(learning_rate=1e-3)
       >>> step = tx.train_step(opt, loss_fn, params, state, (x, y), key, apply_fn=apply_fn)
     """
+    positive_int(update_interval, "update_interval")
     return contrib.sophia(
         learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, gamma=gamma,
         clip_threshold=clip_threshold, update_interval=update_interval,

@@ -12,20 +12,21 @@ optimizer is one `register` call:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, NamedTuple
 
-import jax
 import numpy as np
 import optax
 
 from transforms import _adahessian
+from transforms._checks import (boolean, choice, fraction, integer, nonnegative, optional,
+                                positive, positive_int, schedule_or, unit_interval)
 from transforms import _sam
 from transforms import _sophia
 
 __all__ = ["Hyper", "LEARNING_RATE", "OptimizerSpec", "REQUIRED", "boolean", "choice",
-           "hyperparameters", "make", "names", "nonnegative", "optional", "positive",
-           "positive_int", "register", "schedule_or", "unit_interval"]
+           "fraction", "hyperparameters", "integer", "make", "names", "nonnegative",
+           "optional", "positive", "positive_int", "register", "schedule_or",
+           "unit_interval"]
 
 
 class _Required:
@@ -52,70 +53,6 @@ class OptimizerSpec(NamedTuple):
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
-
-
-# Checks. Values may be Python numbers, 0-d arrays or tracers (make() inside jax.vmap
-# over a learning rate); range checks run only on concrete values.
-
-def _scalar(value, name, test, expected):
-    if isinstance(value, bool) or isinstance(value, str):
-        raise ValueError(f"`{name}` must be {expected}; got {value!r}.")
-    if isinstance(value, jax.core.Tracer):
-        if value.shape != ():
-            raise ValueError(f"`{name}` must be a scalar ({expected}); got an array of "
-                             f"shape {value.shape}.")
-        return value
-    try:
-        arr = np.asarray(value)
-    except Exception:  # noqa: BLE001 - anything non-numeric gets the same message
-        raise ValueError(f"`{name}` must be {expected}; got {value!r}.") from None
-    if arr.shape != () or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"`{name}` must be a scalar ({expected}); got {value!r}.")
-    if not math.isfinite(float(arr)) or not test(float(arr)):
-        raise ValueError(f"`{name}` must be {expected}; got {value!r}.")
-    return value
-
-
-def positive(value, name):
-    return _scalar(value, name, lambda v: v > 0, "a number > 0")
-
-
-def nonnegative(value, name):
-    return _scalar(value, name, lambda v: v >= 0, "a number >= 0")
-
-
-def unit_interval(value, name):
-    return _scalar(value, name, lambda v: 0 <= v < 1, "a number in [0, 1)")
-
-
-def positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-    return int(value)
-
-
-def boolean(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"`{name}` must be True or False; got {value!r}.")
-    return bool(value)
-
-
-def choice(*options):
-    def check(value, name):
-        if value not in options:
-            raise ValueError(f"`{name}` must be one of {', '.join(map(repr, options))}; "
-                             f"got {value!r}.")
-        return value
-    return check
-
-
-def optional(check):
-    return lambda value, name: None if value is None else check(value, name)
-
-
-def schedule_or(check):
-    """Accept a schedule (a callable of the step count) or a value passing `check`."""
-    return lambda value, name: value if callable(value) else check(value, name)
 
 
 LEARNING_RATE = Hyper(REQUIRED, schedule_or(positive))
@@ -230,19 +167,13 @@ register("gsam", _sam.gsam, {"learning_rate": LEARNING_RATE,
                              "rho": Hyper(0.05, schedule_or(nonnegative)),
                              "alpha": Hyper(0.1, schedule_or(nonnegative)), **_SAM_COMMON})
 register("sophia_h", _sophia.sophia_h, {"learning_rate": LEARNING_RATE, **_SOPHIA_COMMON,
-                                        "seed": Hyper(0, lambda v, n: _int(v, n))})
+                                        "seed": Hyper(0, integer)})
 register("sophia_g", _sophia.sophia_g, {"learning_rate": LEARNING_RATE, **_SOPHIA_COMMON,
                                         "loss": Hyper("cross_entropy",
                                                       choice("cross_entropy", "mse"))})
 register("adahessian", _adahessian.adahessian, {
     "learning_rate": LEARNING_RATE, "b1": _B1, "b2": _B2, "eps": Hyper(1e-4, positive),
     "weight_decay": Hyper(0.0, nonnegative),
-    "hessian_power": Hyper(1.0, lambda v, n: _scalar(v, n, lambda x: 0 < x <= 1,
-                                                     "a number in (0, 1]")),
-    "update_interval": Hyper(1, positive_int)})
+    "hessian_power": Hyper(1.0, fraction),
+    "update_interval": Hyper(1, positive_int), "spatial_averaging": Hyper(True, boolean)})
 
-
-def _int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"`{name}` must be an integer; got {value!r}.")
-    return int(value)

@@ -103,6 +103,38 @@ def test_bad_names_and_values_raise_value_error(name, hyper, match):
         tx.make(name, **hyper)
 
 
+@pytest.mark.parametrize("factory, hyper, static", [
+    (tx.gsam, {"learning_rate": 0.1, "rho": 0.05, "alpha": 0.2}, ()),
+    (tx.asam, {"learning_rate": 0.1}, ()),
+    (tx.adahessian, {"learning_rate": 0.01, "update_interval": 2}, ("update_interval",)),
+    (tx.sophia_g, {"learning_rate": 0.01}, ("update_interval",)),
+])
+def test_inject_hyperparams_gives_the_same_steps(factory, hyper, static):
+    injected = optax.inject_hyperparams(factory, static_args=static)(**hyper)
+    plain = factory(**hyper)
+    run = lambda opt: jax.jit(functools.partial(  # noqa: E731
+        tx.train_step, opt, ce_loss, apply_fn=mlp_apply))
+    a, b = run(injected), run(plain)
+    pa, sa, pb, sb = PARAMS, injected.init(PARAMS), PARAMS, plain.init(PARAMS)
+    for t in range(3):
+        pa, sa, _ = a(pa, sa, BATCH, jax.random.key(t))
+        pb, sb, _ = b(pb, sb, BATCH, jax.random.key(t))
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(x, y, atol=1e-12)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: tx.sharpness_aware(rho=-1.0), "`rho`"),
+    (lambda: tx.gsam(0.1, alpha=-0.1), "`alpha`"),
+    (lambda: tx.asam_ascent(eta=-0.01), "`eta`"),
+    (lambda: tx.scale_by_adahessian(b2=1.0), "`b2`"),
+    (lambda: tx.sophia_h(0.1, update_interval=0), "`update_interval`"),
+])
+def test_constructors_validate_directly(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
 def test_traced_hyperparameters_skip_range_checks_but_not_shape_checks():
     jax.vmap(lambda lr: tx.make("adam", learning_rate=lr).init(PARAMS))(jnp.ones(2))
     with pytest.raises(ValueError, match="scalar"):
