@@ -14,7 +14,7 @@ separate perturbation per chunk of the batch. One transform covers all three.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 from optax import contrib
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
 
-import numpy as np
 import optax
 
 from transforms import _adahessian

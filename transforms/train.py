@@ -85,9 +85,8 @@ def train_step(optimizer: optax.GradientTransformation,
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError("With `apply_fn`, `batch` must be the pair (inputs, labels); "
                              f"got {type(batch).__name__}.")
-
-        def output_fn(p):
-            return apply_fn(p, batch[0])
+        inputs = batch[0]
+        output_fn = lambda p: apply_fn(p, inputs)  # noqa: E731
 
     extras = dict(grad_fn=grad_fn, obj_fn=obj_fn, loss_fn=loss_fn, batch=batch,
                   apply_fn=apply_fn, output_fn=output_fn, key=key)
