@@ -3,7 +3,7 @@
 MLP 40→256→256→10 (78 858 parameters, ReLU, float32) on one MNIST-1D batch of 512,
 each optimizer stepped through `transforms.train_step` inside one jitted `lax.scan` of
 `STEPS` steps, so Sophia and AdaHessian with a Hessian refresh every 10 steps are timed
-amortized over two whole refresh periods. The optimizers are timed in turn, round after
+amortized over five whole refresh periods. The optimizers are timed in turn, round after
 round, and the median per optimizer is reported, so slow drifts in machine load hit all
 of them alike.
 
@@ -16,6 +16,7 @@ Run: `python -m benchmarks.bench_optimizers`.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
@@ -27,8 +28,8 @@ import landscape as ls
 import transforms as tx
 from benchmarks._results import machine, write_section
 
-STEPS = 20
-ROUNDS = 7
+STEPS = 50
+ROUNDS = 15
 BATCH = 512
 # (label, config name, hyper-parameters); learning rates are typical, not tuned.
 CASES = [
@@ -111,33 +112,43 @@ def main() -> None:
             jax.block_until_ready(fn())
             times[label].append((time.perf_counter() - t0) / STEPS)
     per_step = {label: statistics.median(ts) for label, ts in times.items()}
+    # The fastest round is the least disturbed by other processes on a shared machine.
+    best = {label: min(ts) for label, ts in times.items()}
 
+    load = os.getloadavg()[0]
     sgd, adam = per_step["SGD"], per_step["Adam"]
-    rows = ["| optimizer | ms / step | × SGD | × Adam | loss step 1 → 20 | first call (s) |",
-            "|---|---:|---:|---:|---|---:|"]
+    rows = ["| optimizer | ms / step (median) | × SGD | × Adam | best round: × SGD | "
+            f"× Adam | loss step 1 → {STEPS} | first call (s) |",
+            "|---|---:|---:|---:|---:|---:|---|---:|"]
     for label, _, _ in CASES:
-        t = per_step[label]
+        t, b = per_step[label], best[label]
         l0, l1 = first_last[label]
         rows.append(f"| {label} | {1e3 * t:.2f} | {t / sgd:.2f} | {t / adam:.2f} | "
+                    f"{b / best['SGD']:.2f} | {b / best['Adam']:.2f} | "
                     f"{l0:.3f} → {l1:.3f} | {compile_s[label]:.1f} |")
 
-    checks = [("SAM ≤ 2.1× SGD", per_step["SAM"] / sgd, 2.1),
-              ("Sophia-H (every 10) ≤ 1.3× Adam", per_step["Sophia-H (every 10)"] / adam, 1.3),
-              ("AdaHessian (every 10) ≤ 1.3× Adam",
-               per_step["AdaHessian (every 10)"] / adam, 1.3)]
-    verdicts = [f"- {what}: measured {ratio:.2f}× — {'met' if ratio <= bound else 'NOT met'}"
-                for what, ratio, bound in checks]
+    checks = [("SAM ≤ 2.1× SGD", "SAM", "SGD", 2.1),
+              ("Sophia-H (every 10) ≤ 1.3× Adam", "Sophia-H (every 10)", "Adam", 1.3),
+              ("AdaHessian (every 10) ≤ 1.3× Adam", "AdaHessian (every 10)", "Adam", 1.3)]
+    verdicts = []
+    for what, num, den, bound in checks:
+        ratio, ratio_best = per_step[num] / per_step[den], best[num] / best[den]
+        verdicts.append(f"- {what}: median {ratio:.2f}× "
+                        f"({'met' if ratio <= bound else 'NOT met'}), best round "
+                        f"{ratio_best:.2f}× ({'met' if ratio_best <= bound else 'NOT met'})")
 
     md = "\n".join([
         "## Optimizers: per-step time (`bench_optimizers`)",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()}; 1-minute load average {load:.1f} at the end of the run "
+        "(the machine was shared: read the ratios, which interleaving protects, rather "
+        "than the absolute times).",
         "",
         f"MLP 40→256→256→10 (78 858 parameters, float32), one MNIST-1D batch of {BATCH}; "
         f"each optimizer runs `transforms.train_step` inside one jitted `lax.scan` of "
-        f"{STEPS} steps (Hessian refreshes every 10 steps are thus amortized over two "
-        f"periods); median of {ROUNDS} interleaved rounds. The step includes the loss and "
-        "gradient that every optimizer needs. Learning rates are typical, not tuned "
+        f"{STEPS} steps (Hessian refreshes every 10 steps are thus amortized over "
+        f"{STEPS // 10} whole periods); median of {ROUNDS} interleaved rounds. The step "
+        "includes the loss and gradient that every optimizer needs. Learning rates are typical, not tuned "
         "(the loss column only shows that each run trains); AdaHessian uses 0.01 because "
         "the paper's 0.15 diverges on this model (its first step divides by a one-probe "
         "Hessian diagonal, reused for 10 steps with the 10-step refresh).",

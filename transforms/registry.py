@@ -99,7 +99,10 @@ def make(name: str, **hyper: Any) -> optax.GradientTransformationExtraArgs:
 
     Example:
       >>> opt = tx.make("sam", learning_rate=0.1, rho=0.05)
-      >>> opt = jax.vmap(lambda lr: tx.make("adam", learning_rate=lr).init(params))
+      >>> def final_loss(lr):   # one member of a learning-rate sweep
+      ...     opt = tx.make("adam", learning_rate=lr)
+      ...     ...               # lax.scan over tx.train_step(opt, ...)
+      >>> losses = jax.jit(jax.vmap(final_loss))(jnp.logspace(-4, -1, 8))
     """
     spec = _spec(name)
     unknown = sorted(set(hyper) - set(spec.hyper))
