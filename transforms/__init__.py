@@ -8,6 +8,11 @@ calls any of them the same way:
     >>> state = opt.init(params)
     >>> params, state, loss = tx.train_step(opt, loss_fn, params, state, batch, key)
 
+Lion is `optax.lion` as is; like its paper, give it a learning rate 3–10× below
+Adam's and a weight decay 3–10× above AdamW's:
+
+    >>> opt = tx.make("lion", learning_rate=3e-4, weight_decay=1e-2)   # Adam: 1e-3, 1e-3
+
 The building blocks are ordinary optax transforms and chain with the rest of optax:
 `sharpness_aware` (SAM / ASAM / GSAM), `gauss_newton_bartlett` (Sophia-G's estimator
 for `optax.contrib.sophia`), `scale_by_adahessian`; Lion and Sophia-H are optax's own.
