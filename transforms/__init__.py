@@ -1,0 +1,59 @@
+"""Optimizers that read the terrain, as Optax transformations.
+
+Every optimizer is available by its config name through `make`, and `train_step`
+calls any of them the same way:
+
+    >>> import transforms as tx
+    >>> opt = tx.make("sam", learning_rate=0.1, rho=0.05)
+    >>> state = opt.init(params)
+    >>> params, state, loss = tx.train_step(opt, loss_fn, params, state, batch, key)
+
+Lion is `optax.lion` as is; like its paper, give it a learning rate 3–10× below
+Adam's and a weight decay 3–10× above AdamW's:
+
+    >>> opt = tx.make("lion", learning_rate=3e-4, weight_decay=1e-2)   # Adam: 1e-3, 1e-3
+
+The building blocks are ordinary optax transforms and chain with the rest of optax:
+`sharpness_aware` (SAM / ASAM / GSAM), `gauss_newton_bartlett` (Sophia-G's estimator
+for `optax.contrib.sophia`), `scale_by_adahessian`; Lion and Sophia-H are optax's own.
+"""
+
+from optax import lion
+from optax.contrib import hutchinson_estimator_diag_hessian
+
+from transforms._adahessian import (
+    AdaHessianState,
+    adahessian,
+    hutchinson_diagonal,
+    scale_by_adahessian,
+    spatial_average,
+)
+from transforms.registry import (
+    REQUIRED,
+    Hyper,
+    OptimizerSpec,
+    hyperparameters,
+    make,
+    names,
+    register,
+)
+from transforms._sam import (
+    SharpnessAwareState,
+    asam,
+    asam_ascent,
+    gsam,
+    sam,
+    sam_ascent,
+    sharpness_aware,
+)
+from transforms._sophia import gauss_newton_bartlett, sophia_g, sophia_h
+from transforms.train import StepResult, train_step
+
+__all__ = [
+    "AdaHessianState", "Hyper", "OptimizerSpec", "REQUIRED", "SharpnessAwareState",
+    "StepResult", "adahessian", "asam", "asam_ascent", "gauss_newton_bartlett", "gsam",
+    "hutchinson_diagonal", "hutchinson_estimator_diag_hessian", "hyperparameters",
+    "lion", "make", "names", "register", "sam", "sam_ascent", "scale_by_adahessian",
+    "sharpness_aware", "sophia_g", "sophia_h", "spatial_average",
+    "train_step",
+]

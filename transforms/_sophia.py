@@ -1,0 +1,123 @@
+"""Sophia with its two Hessian-diagonal estimators (Liu et al. 2023).
+
+Sophia-H is `optax.contrib.sophia` with optax's Hutchinson estimator, unchanged.
+Sophia-G plugs the Gauss-Newton-Bartlett estimator below into the same optax
+transform through its `hessian_diagonal_fn` hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import optax
+from optax import contrib
+
+from transforms._checks import choice, positive_int
+
+__all__ = ["gauss_newton_bartlett", "sophia_g", "sophia_h"]
+
+_LOSSES = ("cross_entropy", "mse")
+
+
+def gauss_newton_bartlett(loss: str = "cross_entropy") -> optax.GradientTransformationExtraArgs:
+    """Gauss-Newton-Bartlett estimate of the Hessian diagonal, for Sophia-G.
+
+    Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+    Pre-training", 2023, Algorithm 2: with outputs z_b = f(w, x_b) of a minibatch of B
+    inputs, labels ŷ_b sampled from the model's own predictive distribution, and
+    ĝ = ∇_w (1/B) Σ_b ℓ(z_b, ŷ_b), it returns B · ĝ ⊙ ĝ, an unbiased estimate of the
+    diagonal of the Gauss-Newton matrix (for each example, E[∇ℓ ∇ℓᵀ] over ŷ equals the
+    output-space Hessian, Bartlett's identity).
+
+    `loss="cross_entropy"`: ŷ ~ softmax(z) (classes on the last axis).
+    `loss="mse"` (ℓ = ½‖z − y‖², a unit Gaussian likelihood): ŷ = z + N(0, I).
+
+    Extra arguments of `update` (it ignores the incoming gradient):
+      output_fn: `output_fn(params) -> outputs` of the current batch's inputs, leading
+        axis B (e.g. `lambda p: apply_fn(p, inputs)`; `transforms.train_step` builds it
+        from `apply_fn`). One forward and one backward pass through it per call.
+      key: a `jax.random` key for the sampled labels; pass a fresh one every call.
+
+    Example:
+      >>> opt = optax.contrib.sophia(3e-3, hessian_diagonal_fn=tx.gauss_newton_bartlett())
+      >>> updates, state = opt.update(g, state, params,
+      ...     output_fn=lambda p: apply_fn(p, x), key=jax.random.key(step))
+    """
+    choice(*_LOSSES)(loss, "loss")
+
+    def update_fn(updates, state, params=None, *, output_fn=None, key=None, **extra_args):
+        del updates, extra_args
+        if params is None or output_fn is None or key is None:
+            raise ValueError("gauss_newton_bartlett needs `params` and the extra arguments "
+                             "`output_fn(params) -> outputs` and `key` (pass `apply_fn=` "
+                             "to transforms.train_step).")
+        outputs, pullback = jax.vjp(output_fn, params)
+        b = outputs.shape[0]
+        # The output cotangent of (1/B) Σ ℓ(z_b, ŷ_b) in closed form, so one backward
+        # pass gives ĝ.
+        if loss == "cross_entropy":
+            sampled = jax.random.categorical(key, outputs, axis=-1)
+            probs = jax.nn.softmax(outputs, axis=-1)
+            onehot = jax.nn.one_hot(sampled, outputs.shape[-1], dtype=outputs.dtype)
+            cotangent = (probs - onehot) / b
+        else:
+            noise = jax.random.normal(key, outputs.shape, outputs.dtype)
+            cotangent = -noise / b
+        (g_hat,) = pullback(jax.lax.stop_gradient(cotangent))
+        return jax.tree.map(lambda g: b * g * g, g_hat), state
+
+    return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update_fn)
+
+
+def sophia_h(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0.99,
+             eps: Any = 1e-8, weight_decay: Any = 1e-4, gamma: Any = 0.01,
+             clip_threshold: Optional[Any] = 1.0, update_interval: int = 10,
+             seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    """Sophia-H: `optax.contrib.sophia` with its Hutchinson Hessian-diagonal estimator.
+
+    Each step: m ← b1 m + (1 − b1) g; every `update_interval` steps
+    h ← b2 h + (1 − b2) u ⊙ (H u) with a Rademacher probe u; the step is
+    −η clip(m̂ / max(γ h, ε), ±clip_threshold) − η λ w (Liu et al., "Sophia: A Scalable
+    Stochastic Second-order Optimizer for Language Model Pre-training", 2023). This is
+    optax's implementation unchanged; the probe key lives in the optimizer state, seeded
+    by `seed`.
+
+    Extra argument of `update`: `obj_fn(params) -> loss` on the current batch (the
+    Hessian-vector product is `jax.jvp` of `jax.grad(obj_fn)`, ≈ 2 gradients, paid once
+    every `update_interval` steps).
+
+    Example:
+      >>> opt = tx.sophia_h(learning_rate=1e-3)
+      >>> updates, state = opt.update(g, state, params,
+      ...                             obj_fn=lambda p: loss_fn(p, batch))
+    """
+    positive_int(update_interval, "update_interval")
+    return contrib.sophia(
+        learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, gamma=gamma,
+        clip_threshold=clip_threshold, update_interval=update_interval,
+        hessian_diagonal_fn=contrib.hutchinson_estimator_diag_hessian(
+            jax.random.PRNGKey(seed)))
+
+
+def sophia_g(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0.99,
+             eps: Any = 1e-8, weight_decay: Any = 1e-4, gamma: Any = 0.01,
+             clip_threshold: Optional[Any] = 1.0, update_interval: int = 10,
+             loss: str = "cross_entropy") -> optax.GradientTransformationExtraArgs:
+    """Sophia-G: `optax.contrib.sophia` with the Gauss-Newton-Bartlett estimator.
+
+    Same update as `sophia_h`; the Hessian diagonal comes from `gauss_newton_bartlett`
+    (Liu et al. 2023, Algorithm 2), which needs the extra arguments `output_fn` and
+    `key` (`transforms.train_step(..., apply_fn=apply_fn)` supplies both). The
+    paper's Sophia-G scales the estimate by the batch size, which `gauss_newton_bartlett`
+    does; tune `gamma` accordingly.
+
+    Example:
+      >>> opt = tx.sophia_g(learning_rate=1e-3)
+      >>> step = tx.train_step(opt, loss_fn, params, state, (x, y), key, apply_fn=apply_fn)
+    """
+    positive_int(update_interval, "update_interval")
+    return contrib.sophia(
+        learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, gamma=gamma,
+        clip_threshold=clip_threshold, update_interval=update_interval,
+        hessian_diagonal_fn=gauss_newton_bartlett(loss))
