@@ -22,10 +22,10 @@ DEFAULT_CONFIG = "sharpness_vs_generalization"
 SHORTHANDS = {"batch_size": "train.batch_size", "learning_rate": "optimizer.learning_rate",
               "seed": "train.seed"}
 
-# Values that may differ inside one compiled group (they are vmapped); everything else
-# that varies starts a new group (a new shape or a new program).
-VMAPPED = {"optimizer.learning_rate", "train.seed", "optimizer.momentum",
-           "optimizer.rho", "optimizer.weight_decay", "optimizer.b1", "optimizer.b2"}
+# Values that may differ inside one compiled group (they are vmapped): the learning
+# rate, the seed, and any optimizer hyper-parameter swept over floats. Everything else
+# that varies (shapes, names, integers such as refresh intervals) starts a new group.
+ALWAYS_VMAPPED = ("optimizer.learning_rate", "train.seed")
 
 DEFAULTS: dict[str, Any] = {
     "name": "study",
@@ -135,8 +135,10 @@ def load(name_or_path: str | None = None, overrides: list[str] = ()) -> dict:
     cfg = _merge(DEFAULTS, raw)
     for text in overrides:
         key, value = parse_override(text)
-        key = SHORTHANDS.get(key, key) if not key.startswith("sweep.") else key
-        set_path(cfg, key, value)
+        if key.startswith("sweep."):  # sweep keys are dotted paths themselves
+            cfg["sweep"][key[len("sweep."):]] = value
+        else:
+            set_path(cfg, SHORTHANDS.get(key, key), value)
     validate(cfg)
     return cfg
 
@@ -204,7 +206,28 @@ def validate(cfg: dict) -> None:
         lr = member.get("optimizer.learning_rate")
         _check(_is_number(lr) and lr > 0, f"optimizer.learning_rate must be > 0, got {lr!r}")
         _check(isinstance(member.get("train.seed"), int), "train.seed must be an integer")
+    _check_optimizers(cfg)
 
+
+def _check_optimizers(cfg: dict) -> None:
+    """Build each distinct optimizer once so a bad name or value fails before training."""
+    import transforms as tx
+
+    seen = set()
+    for member in expand(cfg):
+        opt = dict(member.config["optimizer"])
+        name = opt.pop("name")
+        schedule = opt.pop("schedule", "constant")
+        _check(schedule in ("constant", "cosine"),
+               f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
+        key = json.dumps([name, opt], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            tx.make(name, **opt)
+        except ValueError as e:
+            raise ConfigError(f"optimizer: {e}") from None
 
 def expand(cfg: dict) -> list[Member]:
     """The grid: one `Member` per combination of the `[sweep]` values, in order."""
@@ -222,9 +245,21 @@ def swept_paths(cfg: dict) -> list[str]:
     return [SHORTHANDS.get(k, k) for k in cfg["sweep"]]
 
 
+def vmapped_paths(cfg: dict) -> list[str]:
+    """Swept paths that vary inside a group (see ALWAYS_VMAPPED)."""
+    out = []
+    for key, values in cfg["sweep"].items():
+        path = SHORTHANDS.get(key, key)
+        if path in ALWAYS_VMAPPED or (path.startswith("optimizer.") and
+                                      all(isinstance(v, float) for v in values)):
+            out.append(path)
+    return out
+
+
 def group_key(member: Member, cfg: dict) -> str:
     """Members with equal keys share shapes and a program: one compilation, vmapped."""
-    fixed = {p: member.get(p) for p in swept_paths(cfg) if p not in VMAPPED}
+    vmapped = set(vmapped_paths(cfg))
+    fixed = {p: member.get(p) for p in swept_paths(cfg) if p not in vmapped}
     return json.dumps(fixed, sort_keys=True)
 
 

@@ -114,9 +114,8 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
     first = members[0]
     model = build_model(first.config["model"], train[0].shape[1], num_classes)
     opt_cfg = dict(first.config["optimizer"])
-    swept = [p for p in cfglib.swept_paths(cfg) if p in cfglib.VMAPPED]
-    hyper_paths = sorted({"optimizer.learning_rate"} | {p for p in swept
-                                                       if p.startswith("optimizer.")})
+    hyper_paths = sorted({"optimizer.learning_rate"} | {
+        p for p in cfglib.vmapped_paths(cfg) if p.startswith("optimizer.")})
     for p in hyper_paths:
         opt_cfg.pop(p.split(".", 1)[1], None)
     train_cfg = first.config["train"]

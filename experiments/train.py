@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 import landscape as ls
+import transforms as tx
 from experiments.models import CNN1D, MLP, ResNet1D, pure
 
 RUNNING, DIVERGED, CONVERGED = 0, 1, 2
@@ -66,21 +67,14 @@ def loss_function(apply_fn, loss: str):
 
 def build_optimizer(opt_cfg: dict, hyper: dict[str, jax.Array],
                     total_steps: int) -> optax.GradientTransformation:
-    """The member's optimizer; `hyper` holds its (possibly traced) numeric hyper-parameters.
-
-    `schedule = "cosine"` decays the learning rate to zero over the training budget.
-    """
-    name = opt_cfg["name"]
+    """The member's optimizer from `transforms.make`; `hyper` holds its vmapped (traced)
+    hyper-parameters. `schedule = "cosine"` decays the learning rate to zero over the
+    training budget."""
     kw = {k: v for k, v in opt_cfg.items() if k not in ("name", "schedule")}
     kw.update(hyper)
-    lr = kw["learning_rate"]
     if opt_cfg.get("schedule", "constant") == "cosine":
-        lr = optax.cosine_decay_schedule(lr, total_steps)
-    if name == "sgd":
-        return optax.sgd(lr, momentum=kw.get("momentum"))
-    if name == "adam":
-        return optax.adam(lr)
-    raise ValueError(f"unknown optimizer {name!r}")
+        kw["learning_rate"] = optax.cosine_decay_schedule(kw["learning_rate"], total_steps)
+    return tx.make(opt_cfg["name"], **kw)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -117,12 +111,16 @@ def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size:
     loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
 
     def start(hyper, seed):
-        k_init, k_data = jax.random.split(jax.random.key(seed))
+        # Three streams from the seed: initialization, data order, the optimizer's own
+        # randomness (probes, sampled labels).
+        k_init, k_data, k_step = jax.random.split(jax.random.key(seed), 3)
         params = model.init(k_init)
         opt_state = build_optimizer(opt_cfg, hyper, steps).init(params)
-        return params, opt_state, jnp.arange(n), jnp.asarray(RUNNING), k_data
+        return params, opt_state, jnp.arange(n), jnp.asarray(RUNNING), jnp.stack(
+            [k_data, k_step])
 
-    def window(r, hyper, params, opt_state, perm, status, k_data):
+    def window(r, hyper, params, opt_state, perm, status, keys):
+        k_data, k_step = keys[0], keys[1]
         """`every` steps of one member; `r` (the window index) is shared by all members."""
         opt = build_optimizer(opt_cfg, hyper, steps)
 
@@ -133,9 +131,9 @@ def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size:
                 pos == 0, lambda: jax.random.permutation(jax.random.fold_in(k_data, epoch), n),
                 lambda: perm)
             idx = jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
-            loss, grads = jax.value_and_grad(loss_fn)(params, (x[idx], y[idx]))
-            updates, new_state = opt.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+            new_params, new_state, loss = tx.train_step(
+                opt, loss_fn, params, opt_state, (x[idx], y[idx]),
+                jax.random.fold_in(k_step, t), apply_fn=model.apply_fn)
             active = (status == RUNNING) & (t < steps)
             finite = (jnp.isfinite(loss) & (loss <= diverge_above)
                       & _all_finite(new_params))
@@ -157,7 +155,7 @@ def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size:
 
     @jax.jit
     def program(hyper, seeds):
-        params, opt_state, perm, status, k_data = jax.vmap(start)(hyper, seeds)
+        params, opt_state, perm, status, keys = jax.vmap(start)(hyper, seeds)
         m = seeds.shape[0]
 
         # The window loop sits outside vmap so its counter stays shared (the epoch
@@ -172,7 +170,7 @@ def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size:
                 jax.debug.callback(on_window, r)
             params, opt_state, perm, status, mean, count = jax.vmap(
                 window, in_axes=(None, 0, 0, 0, 0, 0, 0))(r, hyper, params, opt_state, perm,
-                                                          status, k_data)
+                                                          status, keys)
             return (r + 1, params, opt_state, perm, status, curve.at[:, r].set(mean),
                     taken + count)
 

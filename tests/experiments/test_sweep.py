@@ -51,7 +51,7 @@ def test_a_member_equals_a_plain_training_loop(tiny_run):
     x, y = jnp.asarray(data.x_train[:256]), jnp.asarray(data.y_train[:256])
     model = build_model(cfg["model"], 40, 10)
     loss_fn = loss_function(model.apply_fn, "cross_entropy")
-    k_init, k_data = jax.random.split(jax.random.key(1))
+    k_init, k_data, _ = jax.random.split(jax.random.key(1), 3)
     params = model.init(k_init)
     opt = optax.sgd(0.05)
     state = opt.init(params)

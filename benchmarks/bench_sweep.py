@@ -1,0 +1,84 @@
+"""A vmapped sweep against the same members trained one after another.
+
+16 members (4 learning rates × 4 seeds) of the MNIST-1D MLP 40→100→100→10, batch 128,
+with the runner's own group program: once as one group of 16 (one vmap), once as 16
+groups of one. Also the sweep's achieved FLOP/s against a measured float32 matmul peak
+(FLOPs counted as 6 × batch × weights per member-step: forward, and backward to inputs
+and weights).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks._results import machine, median_time, write_section
+from experiments.data import mnist1d
+from experiments.train import build_model, make_group_program
+
+STEPS, BATCH, HIDDEN = 600, 128, [100, 100]
+
+
+def _matmul_peak(n: int = 2048) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    t = median_time(lambda: f(a).block_until_ready(), repeats=5)
+    return 2 * n**3 / t
+
+
+def main() -> None:
+    data = mnist1d()
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    model_cfg = {"name": "mlp", "hidden": HIDDEN, "activation": "relu"}
+    model = build_model(model_cfg, 40, 10)
+    train_cfg = {"steps": STEPS, "epochs": 0, "record_every": 100, "until_train_loss": 0.0,
+                 "loss": "cross_entropy", "diverge_above": 1e9}
+    program = make_group_program(model, {"name": "sgd"}, train_cfg, BATCH, x, y)
+    lrs = jnp.tile(jnp.array([0.01, 0.03, 0.1, 0.3], jnp.float32), 4)
+    seeds = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 4)
+    m = lrs.shape[0]
+
+    t0 = time.perf_counter()
+    together = program.lower({"learning_rate": lrs}, seeds).compile()
+    one = program.lower({"learning_rate": lrs[:1]}, seeds[:1]).compile()
+    compile_s = time.perf_counter() - t0
+
+    def vmapped():
+        jax.block_until_ready(together({"learning_rate": lrs}, seeds))
+
+    def sequential():
+        for i in range(m):
+            jax.block_until_ready(one({"learning_rate": lrs[i:i + 1]}, seeds[i:i + 1]))
+
+    t_vmap = median_time(vmapped, repeats=3)
+    t_seq = median_time(sequential, repeats=3)
+    weights = 40 * HIDDEN[0] + HIDDEN[0] * HIDDEN[1] + HIDDEN[1] * 10
+    flops = 6 * BATCH * weights * STEPS * m
+    peak = _matmul_peak()
+    rows = [
+        "| way | seconds (median of 3) | member-steps / s | achieved GFLOP/s | of matmul peak |",
+        "|---|---|---|---|---|",
+        f"| 16 members, one vmapped group | {t_vmap:.2f} | {m * STEPS / t_vmap:,.0f} | "
+        f"{flops / t_vmap / 1e9:.1f} | {flops / t_vmap / peak:.0%} |",
+        f"| 16 members one after another | {t_seq:.2f} | {m * STEPS / t_seq:,.0f} | "
+        f"{flops / t_seq / 1e9:.1f} | {flops / t_seq / peak:.0%} |",
+    ]
+    md = "\n".join([
+        "## Sweeps: vmapped members against one after another (`bench_sweep`)", "",
+        f"Machine: {machine()}.", "",
+        f"MNIST-1D MLP 40→{'→'.join(map(str, HIDDEN))}→10, SGD, batch {BATCH}, {STEPS} "
+        f"steps, 16 members (4 learning rates × 4 seeds), the runner's group program "
+        f"(compiling both variants: {compile_s:.1f} s, not timed).", "",
+        *rows, "",
+        f"Throughput ratio, vmapped / sequential: **{t_seq / t_vmap:.1f}×** "
+        "(target ≥ 3× on CPU).",
+        f"Measured float32 matmul peak (2048², jitted): {peak / 1e9:.1f} GFLOP/s.",
+    ])
+    write_section("bench_sweep", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
