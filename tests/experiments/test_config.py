@@ -23,9 +23,14 @@ def test_grid_expands_and_groups_by_shape():
 
 def test_overrides_are_toml_literals_with_shorthands():
     cfg = cfglib.load(TINY, ["train.steps=7", "sweep.seed=[3]", 'name="x"',
-                             "optimizer.momentum=0.5"])
+                             'optimizer.name="momentum"', "optimizer.momentum=0.5",
+                             "sweep.optimizer.nesterov=[true, false]"])
     assert cfg["train"]["steps"] == 7 and cfg["sweep"]["seed"] == [3]
     assert cfg["name"] == "x" and cfg["optimizer"]["momentum"] == 0.5
+    assert cfg["sweep"]["optimizer.nesterov"] == [True, False]
+    # a boolean sweep changes the program: it splits groups, floats do not
+    assert set(cfglib.vmapped_paths(cfg)) == {"train.seed", "optimizer.learning_rate"}
+    assert len(cfglib.groups(cfg)) == 2 * 2
     assert cfglib.load(TINY, ["batch_size=32", "sweep.batch_size=[8]"])["train"]["batch_size"] == 32
 
 
@@ -49,6 +54,8 @@ def test_default_config_grid_and_measures_without_running_it():
     (["--set", "measure.measures=[\"curvyness\"]"], "measure.measures must be a list"),
     (["--set", "steps"], "--set expects key=value"),
     (["--set", "model.hidden=[0]"], "model.hidden"),
+    (["--set", "optimizer.name=\"rmsprop\""], "Unknown optimizer 'rmsprop'; valid choices"),
+    (["--set", "optimizer.rhoo=3"], "Unknown hyper-parameter(s) 'rhoo'"),
 ])
 def test_cli_user_errors_are_one_line_without_traceback(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.cli", "run", TINY, *args,
