@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from landscape.spectrum import Density
 from landscape.surfaces import Curve, Surface
@@ -66,6 +67,10 @@ def curve(data: Curve, *, ax: Axes | None = None, xlabel: str = "α",
     ax.set_ylabel("loss", color="C0")
     if log:
         ax.set_yscale("log")
+        # Plain numbers on major and minor ticks: losses often span less than a decade.
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False,
+                                                  minor_thresholds=(2, 0.5)))
     ax.axvline(0.0, color="0.7", lw=0.8, zorder=0)
     handles, labels = ax.get_legend_handles_labels()
     if data.train_metric is not None:
@@ -77,9 +82,11 @@ def curve(data: Curve, *, ax: Axes | None = None, xlabel: str = "α",
         ax2.set_ylabel(metric_label, color="C1")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="best", fontsize="small")
+    # Above the axes: "best" sees only one of the two y axes and lands on the other's curves.
+    ax.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2,
+              fontsize="small", frameon=False)
     if title:
-        ax.set_title(title)
+        ax.figure.suptitle(title)
     return ax.figure
 
 
