@@ -170,11 +170,18 @@ def test_adaptive_sharpness_is_invariant_to_relu_rescaling_while_lambda_max_move
     b = S.adaptive(relu_loss, scaled, batch, **kw)
     assert a.value > 1e-3
     np.testing.assert_allclose(b.value, a.value, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_other_measures_under_relu_rescaling():
+    params = m.mlp_params(jax.random.key(4), sizes=(5, 8, 8, 3))
+    batch = m.classification_data(jax.random.key(5), n=40)
+    scaled = ls.rescale_relu(params, 10.0, incoming="layer0", outgoing="layer1/w")
     # Plain ρ-sharpness is not invariant.
     wa = S.worst_case(relu_loss, params, batch, key=KEY, rho=0.5, num_steps=10)
     wb = S.worst_case(relu_loss, scaled, batch, key=KEY, rho=0.5, num_steps=10)
     assert abs(wb.value / wa.value - 1) > 0.1
-    # Average-case adaptive sharpness and the Fisher-Rao norm are invariant too.
+    # Average-case adaptive sharpness and the Fisher-Rao norm are invariant.
     ra = S.random(relu_loss, params, batch, key=KEY, rho=0.3, scale="elementwise")
     rb = S.random(relu_loss, scaled, batch, key=KEY, rho=0.3, scale="elementwise")
     np.testing.assert_allclose(rb.mean, ra.mean, rtol=1e-5)
@@ -210,10 +217,11 @@ def test_random_sharpness_mean_matches_half_the_scaled_trace(scale):
     np.testing.assert_allclose(out.max, np.max(out.increases))
 
 
+@pytest.mark.slow
 def test_random_sharpness_chunks_of_trials_and_examples_agree():
     params = m.mlp_params(jax.random.key(1))
     batch = m.classification_data(jax.random.key(2), n=30)
-    a = S.random(m.ce_loss, params, batch, key=KEY, num_trials=6, trials_per_chunk=None)
+    a = S.random(m.ce_loss, params, batch, key=KEY, num_trials=6, trials_per_chunk=6)
     b = S.random(m.ce_loss, params, batch, key=KEY, num_trials=6, trials_per_chunk=4,
                  chunk_size=8)
     np.testing.assert_allclose(b.increases, a.increases, rtol=1e-10)
@@ -242,17 +250,18 @@ def test_keskar_on_a_diagonal_quadratic_reaches_the_box_corner():
 def test_pac_bayes_sigma_matches_the_closed_form():
     loss, wstar, a = quadratic(SPECTRUM)
     t = 0.05
-    out = S.pac_bayes(loss, wstar, DUMMY, key=KEY, threshold=t, num_samples=2000,
-                      trials_per_chunk=500)
+    out = S.pac_bayes(loss, wstar, DUMMY, key=KEY, threshold=t, num_samples=1000,
+                      num_bisection=20, trials_per_chunk=500)
     # E[½ σ² zᵀAz] = σ² tr(A)/2 = t.
     np.testing.assert_allclose(out.sigma, np.sqrt(2 * t / np.trace(a)), rtol=0.05)
-    np.testing.assert_allclose(out.increase, t, rtol=1e-6)
+    np.testing.assert_allclose(out.increase, t, rtol=1e-4)  # 20 halvings of log σ
     np.testing.assert_allclose(out.flatness, 1 / out.sigma**2)
 
     floor = 0.01
     w = np.asarray(ravel_pytree(wstar)[0])
-    mag = S.pac_bayes(loss, wstar, DUMMY, key=KEY, threshold=t, num_samples=2000,
-                      magnitude_aware=True, floor=floor, trials_per_chunk=500)
+    mag = S.pac_bayes(loss, wstar, DUMMY, key=KEY, threshold=t, num_samples=1000,
+                      num_bisection=20, magnitude_aware=True, floor=floor,
+                      trials_per_chunk=500)
     # E = ½ Σ A_ii (σ² w_i² + floor²) = t.
     ref = np.sqrt((2 * t - floor**2 * np.trace(a)) / np.sum(np.diag(a) * w**2))
     np.testing.assert_allclose(mag.sigma, ref, rtol=0.05)
@@ -261,9 +270,9 @@ def test_pac_bayes_sigma_matches_the_closed_form():
 # ------------------------------------------------------------------- curvature ---
 
 def test_curvature_measures_match_the_dense_hessian():
-    params = m.mlp_params(jax.random.key(1))
-    batch = m.classification_data(jax.random.key(2), n=30)
-    h = np.asarray(m.dense_hessian(m.ce_loss, params, batch))
+    params = m.mlp_params(jax.random.key(1), sizes=(3, 4, 2))  # 26 parameters
+    batch = m.classification_data(jax.random.key(2), n=30, d=3, classes=2)
+    h = np.asarray(jax.jit(m.dense_hessian, static_argnums=0)(m.ce_loss, params, batch))
     ev = np.linalg.eigvalsh(h)
     np.testing.assert_allclose(S.lambda_max(m.ce_loss, params, batch, key=KEY), ev[-1],
                                rtol=1e-8)
