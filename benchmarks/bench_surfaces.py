@@ -19,7 +19,12 @@ Run with the benchmark environment: `.venv-bench/bin/python -m benchmarks.bench_
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -88,12 +93,47 @@ def torch_model(params):
     return torch.nn.Sequential(*layers)
 
 
+SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def probe(steps: int, trials: int, repeats: int) -> dict:
+    """Basin's per-point and per-trial rates alone (run in a subprocess whose XLA
+    flags were set before JAX started)."""
+    x, y = data()
+    batch = (jnp.asarray(x), jnp.asarray(y))
+    params = train(*batch)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    dirs = (ls.filter_normalized_direction(k1, params),
+            ls.filter_normalized_direction(k2, params))
+    grid = jnp.linspace(-1.0, 1.0, steps)
+    t_surf = median_time(lambda: ls.surface_2d(
+        loss_fn, params, dirs, batch, xs=grid, ys=grid).train_loss.block_until_ready(),
+        repeats=repeats)
+    t_rand = median_time(lambda: ls.sharpness.random(
+        loss_fn, params, batch, key=jax.random.key(0), rho=0.05,
+        num_trials=trials).mean.block_until_ready(), repeats=repeats)
+    return {"points_per_s": steps * steps / t_surf, "trials_per_s": trials / t_rand}
+
+
+def probe_single_thread(steps: int, trials: int, repeats: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=SINGLE_THREAD)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_surfaces", "--probe", str(steps),
+         str(trials), str(repeats)], env=env, capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--probe", nargs=3, type=int, help=argparse.SUPPRESS)
     args.add_argument("--quick", action="store_true", help="21×21 grid, fewer repeats")
     args.add_argument("--peer-steps", type=int, default=21,
                       help="grid side for loss-landscapes (51 takes about 4 minutes)")
     opts = args.parse_args(argv)
+    if opts.probe:
+        print(json.dumps(probe(*opts.probe)))
+        return
     steps = 21 if opts.quick else 51
     peer_steps = min(opts.peer_steps, steps)
     repeats = 1 if opts.quick else 3
@@ -211,23 +251,39 @@ def main(argv=None) -> None:
     rows.append(("random sharpness, trials / s", trials / tpc_time[best_tpc],
                  trials / t_torch_rs))
 
+    # --- Basin again with XLA on one thread (flags must be set before JAX starts).
+    probe_steps = min(steps, 21)
+    single = probe_single_thread(probe_steps, trials, repeats)
+    singles = [single["points_per_s"], single["trials_per_s"]]
+
+    surface_ratio = max(rows[0][1], singles[0]) / rows[0][2]
     lines = [
         "## Loss surfaces and random sharpness (`bench_surfaces`)",
         "",
         f"Machine: {machine()}. Float32, MLP 40→256→256→10 (78 858 parameters) after "
         "300 Adam steps, loss over all 4 000 MNIST-1D training examples at every point. "
-        "Medians of "
-        f"{repeats} run(s) after compilation; the machine was shared with other jobs, "
-        "so ratios are more reliable than absolute rates.",
+        f"Medians of {repeats} run(s) after compilation. The machine was shared with "
+        f"other jobs (1-minute load average {os.getloadavg()[0]:.1f} at the end of the "
+        f"run, on {os.cpu_count()} cores), which punishes multi-threaded code: each tool "
+        "is also timed on one thread and its best setting is compared.",
         "",
-        "| task | Basin | peer | Basin / peer |",
-        "|---|---|---|---|",
+        "| task | Basin, XLA default threads | Basin, XLA 1 thread | peer (best threads) "
+        "| best Basin / peer |",
+        "|---|---|---|---|---|",
     ]
     peers = ["loss-landscapes 3.0.6 `random_plane`", "plain PyTorch loop"]
-    for (name, b, p), peer in zip(rows, peers):
-        lines.append(f"| {name} (peer: {peer}) | {b:.1f} | {p:.1f} | {b / p:.1f}× |")
+    for (name, b, p), b1, peer in zip(rows, singles, peers):
+        lines.append(f"| {name} (peer: {peer}) | {b:.1f} | {b1:.1f} | {p:.1f} | "
+                     f"{max(b, b1) / p:.1f}× |")
     lines += [
         "",
+        f"- Target ≥ 10× for the surface: {'met' if surface_ratio >= 10 else 'not met'} "
+        f"({surface_ratio:.1f}×). Every grid point is one forward pass over the 4 000 "
+        "examples in both tools, so the rate is bounded by the framework's forward pass "
+        "(timed below); Basin removes the per-point overhead (one compiled program, "
+        "no Python per point), which is a small part of the time at this data size.",
+        f"- Basin on one XLA thread ran in a subprocess on a {probe_steps}×{probe_steps} "
+        "grid (per-point rate).",
         f"- Surface: Basin's {steps}×{steps} grid ({n_points} points) in {t_basin:.2f} s "
         f"(first call, with compilation, {first:.2f} s); the peer's {peer_steps}×"
         f"{peer_steps} grid ({peer_points} points, one run) in {t_peer:.2f} s; rates are "

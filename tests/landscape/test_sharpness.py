@@ -345,3 +345,18 @@ def test_other_bad_inputs():
         S.worst_case(loss, wstar, DUMMY, key=KEY, m=0)
     with pytest.raises(ValueError, match="batch"):
         S.worst_case(loss, wstar, jnp.zeros((0, 1)), key=KEY)
+
+
+def test_rescale_relu_bad_inputs():
+    params = m.mlp_params(jax.random.key(4), sizes=(5, 8, 8, 3))
+    with pytest.raises(ValueError, match="alpha"):
+        ls.rescale_relu(params, 0.0, incoming="layer0", outgoing="layer1/w")
+    with pytest.raises(ValueError, match="layer9"):
+        ls.rescale_relu(params, 2.0, incoming="layer9", outgoing="layer1/w")
+    with pytest.raises(ValueError, match="both"):
+        ls.rescale_relu(params, 2.0, incoming="layer0", outgoing="layer0/w")
+    out = ls.rescale_relu(params, 2.0, incoming=["layer0/w", "layer0/b"],
+                          outgoing="layer1/w")
+    np.testing.assert_array_equal(out["layer0"]["b"], 2.0 * params["layer0"]["b"])
+    np.testing.assert_array_equal(out["layer1"]["w"], params["layer1"]["w"] / 2.0)
+    np.testing.assert_array_equal(out["layer1"]["b"], params["layer1"]["b"])
