@@ -23,3 +23,31 @@ __all__ = [
     "eigenvalues", "fisher", "ggn", "hessian", "lanczos", "mse", "per_example_grads",
     "trace",
 ]
+
+# Sharpness, loss surfaces, gradient noise, reparameterization (`landscape.plot` draws
+# them; it is not imported here so that `import landscape` does not load matplotlib).
+from landscape import sharpness
+from landscape.directions import (
+    PCADirections,
+    filter_normalize,
+    filter_normalized_direction,
+    pca_directions,
+    random_direction,
+)
+from landscape.noise import (
+    GradientSNR,
+    MinibatchVariance,
+    NoiseScale,
+    gradient_noise_scale,
+    gradient_snr,
+    minibatch_variance,
+)
+from landscape.reparam import rescale_relu
+from landscape.surfaces import Curve, Surface, interpolate, surface_1d, surface_2d
+
+__all__ += [
+    "Curve", "GradientSNR", "MinibatchVariance", "NoiseScale", "PCADirections", "Surface",
+    "filter_normalize", "filter_normalized_direction", "gradient_noise_scale",
+    "gradient_snr", "interpolate", "minibatch_variance", "pca_directions",
+    "random_direction", "rescale_relu", "sharpness", "surface_1d", "surface_2d",
+]
