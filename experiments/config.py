@@ -39,11 +39,14 @@ DEFAULTS: dict[str, Any] = {
               "until_train_loss": 0.0, "record_every": 100, "loss": "cross_entropy",
               "diverge_above": 100.0},
     "measure": {"num_examples": 1000, "chunk_size": 1000, "measures": ["lambda_max"],
-                "rho": 0.05, "lanczos_steps": 20, "trace_probes": 30},
+                "rho": 0.05, "adaptive_rho": 0.5, "ascent_steps": 10, "random_trials": 8,
+                "keskar_epsilon": 1e-3, "pac_bayes_threshold": 0.1, "lanczos_steps": 20,
+                "trace_probes": 30},
     "sweep": {},
 }
 
-MEASURES = ("lambda_max", "trace")
+MEASURES = ("lambda_max", "trace", "worst_case", "adaptive", "random", "keskar",
+            "pac_bayes", "noise_scale")
 
 
 class ConfigError(ValueError):
@@ -184,11 +187,13 @@ def validate(cfg: dict) -> None:
     _check(isinstance(ms["measures"], list) and all(m in MEASURES for m in ms["measures"]),
            f"measure.measures must be a list drawn from {', '.join(MEASURES)}; "
            f"got {ms['measures']!r}")
-    for key in ("num_examples", "chunk_size", "lanczos_steps", "trace_probes"):
+    for key in ("num_examples", "chunk_size", "lanczos_steps", "trace_probes",
+                "ascent_steps", "random_trials"):
         _check(isinstance(ms[key], int) and ms[key] > 0,
                f"measure.{key} must be a positive integer, got {ms[key]!r}")
-    _check(_is_number(ms["rho"]) and ms["rho"] > 0, f"measure.rho must be > 0, got "
-                                                     f"{ms['rho']!r}")
+    for key in ("rho", "adaptive_rho", "keskar_epsilon", "pac_bayes_threshold"):
+        _check(_is_number(ms[key]) and ms[key] > 0,
+               f"measure.{key} must be a number > 0, got {ms[key]!r}")
     sweep = cfg["sweep"]
     _check(isinstance(sweep, dict), "[sweep] must be a table of lists")
     for key, values in sweep.items():

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from landscape import plot  # matplotlib only when drawing
 
-    fig = plot.spectral_density(den, title="Hessian spectral density, MLP on MNIST-1D")
+    fig = plot.density(den, title="Hessian spectral density, MLP on MNIST-1D")
     fig.savefig(out / "hessian_density.png", dpi=120, bbox_inches="tight")
     print(f"wrote {out / 'curvature.json'} and {out / 'hessian_density.png'}")
     return 0

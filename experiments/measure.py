@@ -41,6 +41,31 @@ def make_measure_program(apply_fn: Callable, loss_fn: Callable, measure_cfg: dic
         if "trace" in names:
             out["trace"] = ls.trace(hessian, key=key,
                                     num_probes=measure_cfg["trace_probes"]).value
+        common = dict(key=key, chunk_size=chunk)
+        steps = measure_cfg["ascent_steps"]
+        if "worst_case" in names:
+            out["worst_case"] = ls.sharpness.worst_case(
+                loss_fn, params, sub, rho=measure_cfg["rho"], num_steps=steps,
+                **common).value
+        if "adaptive" in names:
+            out["adaptive"] = ls.sharpness.adaptive(
+                loss_fn, params, sub, rho=measure_cfg["adaptive_rho"], num_steps=steps,
+                **common).value
+        if "random" in names:
+            out["random"] = ls.sharpness.random(
+                loss_fn, params, sub, rho=measure_cfg["rho"],
+                num_trials=measure_cfg["random_trials"], **common).mean
+        if "keskar" in names:
+            out["keskar"] = ls.sharpness.keskar(
+                loss_fn, params, sub, epsilon=measure_cfg["keskar_epsilon"],
+                num_steps=steps, **common).value
+        if "pac_bayes" in names:
+            out["pac_bayes"] = ls.sharpness.pac_bayes(
+                loss_fn, params, sub, threshold=measure_cfg["pac_bayes_threshold"],
+                **common).flatness
+        if "noise_scale" in names:
+            out["noise_scale"] = ls.gradient_noise_scale(loss_fn, params, sub,
+                                                         chunk_size=chunk).simple
         return out
 
     @jax.jit

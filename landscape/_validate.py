@@ -66,7 +66,7 @@ def check_finite(what: str, *trees: Any) -> None:
     if not is_concrete(*trees):
         return
     for x in jax.tree.leaves(trees):
-        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) and not bool(
-                jnp.all(jnp.isfinite(x))):
+        x = np.asarray(x)  # numpy: jnp operations would be staged inside a trace
+        if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
             raise ValueError(f"{what} produced non-finite values (NaN or inf): check "
                              "that the loss is finite at these parameters and this batch.")

@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from landscape import _validate
@@ -92,7 +93,7 @@ class PacBayesFlatness(NamedTuple):
 def _positive(value: Any, name: str) -> jax.Array:
     """A positive scalar as an array; the check is skipped for traced values."""
     if _validate.is_concrete(value):
-        v = jnp.asarray(value)
+        v = np.asarray(value)  # numpy: a jnp comparison would be staged under tracing
         if v.ndim != 0 or not bool(v > 0):
             raise ValueError(f"`{name}` must be a positive scalar; got {value!r}.")
     return jnp.asarray(value)
@@ -100,7 +101,7 @@ def _positive(value: Any, name: str) -> jax.Array:
 
 def _nonnegative(value: Any, name: str) -> jax.Array:
     if _validate.is_concrete(value):
-        v = jnp.asarray(value)
+        v = np.asarray(value)
         if v.ndim != 0 or not bool(v >= 0):
             raise ValueError(f"`{name}` must be a non-negative scalar; got {value!r}.")
     return jnp.asarray(value)

@@ -43,6 +43,7 @@ def test_default_config_grid_and_measures_without_running_it():
     assert {"lambda_max", "trace"} <= set(cfg["measure"]["measures"])
     assert cfg["data"]["name"] == "mnist1d" and cfg["model"]["name"] == "mlp"
     assert cfg["train"]["until_train_loss"] > 0  # trained towards near-zero loss
+    assert {"worst_case", "adaptive"} <= set(cfg["measure"]["measures"])
     assert "sharpness_vs_generalization" in cfglib.list_configs()
 
 

@@ -166,3 +166,15 @@ def test_eight_simulated_devices_give_the_same_numbers(tiny_run, tmp_path):
         for name in ("train_loss", "test_accuracy", "lambda_max", "trace"):
             np.testing.assert_allclose(sharded[k][name], r[name], rtol=1e-4, atol=1e-6,
                                        err_msg=f"{k} {name}")
+
+
+def test_every_measure_runs_inside_the_group_program(tmp_path):
+    every = ["lambda_max", "trace", "worst_case", "adaptive", "random", "keskar",
+             "pac_bayes", "noise_scale"]
+    res = experiments.run(TINY, out=tmp_path / "m", overrides=[
+        f"measure.measures={json.dumps(every)}", "sweep.batch_size=[16]",
+        "sweep.learning_rate=[0.05]", "sweep.seed=[0]"])
+    (rec,) = res.records()
+    assert all(np.isfinite(rec[m]) for m in every)
+    # Away from a minimum the ascent must find a loss increase, and flatness is 1/σ² > 0.
+    assert rec["worst_case"] > 0 and rec["adaptive"] > 0 and rec["pac_bayes"] > 0
