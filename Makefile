@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo curvature-demo test test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Basin needs Python >= 3.11"'
@@ -14,8 +14,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[test]'
 	touch $@
 
+# The main job: the default study (sharpness against generalization); prints its report.
 demo: $(VENV)/.installed
-	$(BIN)/python -m experiments.curvature_demo --out runs/demo
+	$(BIN)/basin run --out runs/sharpness_vs_generalization
+
+curvature-demo: $(VENV)/.installed
+	$(BIN)/python -m experiments.curvature_demo --out runs/curvature_demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
