@@ -9,6 +9,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_blocks_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "the README has no Python example"
+    namespace = {"__name__": "readme"}  # later blocks continue earlier ones
     for code in blocks:
-        exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+        exec(compile(code, str(README), "exec"), namespace)
     assert "trace" in capsys.readouterr().out
