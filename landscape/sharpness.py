@@ -230,12 +230,11 @@ def random(loss_fn: LossFn, params: Any, batch: Any, *, key: jax.Array,
 
 # --------------------------------------------------- worst case (ascent in a ball) ---
 
-def _l2_ascent(loss_fn, params, batch, c, key, rho, step, num_steps, chunk_size):
-    """Projected normalized gradient ascent of L(w + c⊙u) over ‖u‖₂ ≤ ρ.
+def _best_ascent(loss_fn, params, batch, c, u0, step_fn, num_steps, chunk_size):
+    """Ascend L(w + c⊙u) from `u0` with `u ← step_fn(u, ∇_u L)`; keep the best iterate.
 
-    Working in u = ε / c makes the ball round, so ASAM's ellipsoid and the plain ball
-    share the code, and a rescaling of w that rescales c identically leaves every
-    iterate unchanged.
+    Returns `(best loss, best u)`. Every iterate, the last included, is evaluated, so the
+    result is the largest loss the ascent saw (a lower bound on the true maximum).
     """
     def value_and_grad(u):
         def per_chunk(b, i):
@@ -243,30 +242,42 @@ def _l2_ascent(loss_fn, params, batch, c, key, rho, step, num_steps, chunk_size)
                 lambda uu: loss_fn(optax.tree.add(params, optax.tree.mul(c, uu)), b))(u)
         return chunk_mean(per_chunk, batch, chunk_size)
 
-    def project(u):
-        return optax.tree.scale(jnp.minimum(1.0, rho / jnp.maximum(_norm(u), 1e-300)), u)
-
-    z = optax.tree.random_like(key, params)
-    u0 = optax.tree.scale(rho / _norm(z), z)
+    def keep_best(u, val, best_val, best_u):
+        val = val.astype(best_val.dtype)
+        better = val > best_val
+        return jnp.where(better, val, best_val), optax.tree.where(better, u, best_u)
 
     def body(carry, _):
         u, best_val, best_u = carry
         val, g = value_and_grad(u)
-        val = val.astype(best_val.dtype)
-        better = val > best_val
-        best_val = jnp.where(better, val, best_val)
-        best_u = optax.tree.where(better, u, best_u)
-        gn = _norm(g)
-        u = project(optax.tree.add_scale(u, step / jnp.where(gn > 0, gn, 1.0), g))
-        return (u, best_val, best_u), None
+        best_val, best_u = keep_best(u, val, best_val, best_u)
+        return (step_fn(u, g), best_val, best_u), None
 
     init = (u0, jnp.asarray(-jnp.inf, jnp.result_type(*jax.tree.leaves(params))), u0)
     (u, best_val, best_u), _ = jax.lax.scan(body, init, None, length=num_steps)
     val = _mean_loss(loss_fn, optax.tree.add(params, optax.tree.mul(c, u)), batch,
                      chunk_size)
-    better = val > best_val
-    best_val = jnp.where(better, val, best_val)
-    best_u = optax.tree.where(better, u, best_u)
+    return keep_best(u, val, best_val, best_u)
+
+
+def _l2_ascent(loss_fn, params, batch, c, key, rho, step, num_steps, chunk_size):
+    """Projected normalized gradient ascent of L(w + c⊙u) over ‖u‖₂ ≤ ρ.
+
+    Working in u = ε / c makes the ball round, so ASAM's ellipsoid and the plain ball
+    share the code, and a rescaling of w that rescales c identically leaves every
+    iterate unchanged.
+    """
+    def project(u):
+        return optax.tree.scale(jnp.minimum(1.0, rho / jnp.maximum(_norm(u), 1e-300)), u)
+
+    def step_fn(u, g):
+        gn = _norm(g)
+        return project(optax.tree.add_scale(u, step / jnp.where(gn > 0, gn, 1.0), g))
+
+    z = optax.tree.random_like(key, params)
+    u0 = optax.tree.scale(rho / _norm(z), z)
+    best_val, best_u = _best_ascent(loss_fn, params, batch, c, u0, step_fn, num_steps,
+                                    chunk_size)
     return best_val, optax.tree.mul(c, best_u)
 
 
@@ -378,34 +389,17 @@ def _run_ascent(loss_fn, params, batch, key, rho, num_steps, step_size, m, chunk
 def _keskar(loss_fn, params, batch, key, epsilon, step, *, num_steps, chunk_size):
     c = jax.tree.map(lambda p: epsilon * (jnp.abs(p) + 1.0), params)
 
-    def value_and_grad(u):
-        def per_chunk(b, i):
-            return jax.value_and_grad(
-                lambda uu: loss_fn(optax.tree.add(params, optax.tree.mul(c, uu)), b))(u)
-        return chunk_mean(per_chunk, batch, chunk_size)
-
     # Sign-gradient ascent in the unit box u ∈ [-1, 1]^n (ε = c ⊙ u): the steepest
     # ascent direction for an ℓ∞ ball, and it reaches the box's corners in a few steps.
     u0 = optax.tree.random_like(key, params, jax.random.uniform)
     u0 = jax.tree.map(lambda x: 2.0 * x - 1.0, u0)
 
-    def body(carry, _):
-        u, best_val, best_u = carry
-        val, g = value_and_grad(u)
-        val = val.astype(best_val.dtype)
-        better = val > best_val
-        best_val = jnp.where(better, val, best_val)
-        best_u = optax.tree.where(better, u, best_u)
-        u = jax.tree.map(lambda x, gx: jnp.clip(x + step * jnp.sign(gx), -1.0, 1.0), u, g)
-        return (u, best_val, best_u), None
+    def step_fn(u, g):
+        return jax.tree.map(lambda x, gx: jnp.clip(x + step * jnp.sign(gx), -1.0, 1.0),
+                            u, g)
 
-    init = (u0, jnp.asarray(-jnp.inf, jnp.result_type(*jax.tree.leaves(params))), u0)
-    (u, best_val, best_u), _ = jax.lax.scan(body, init, None, length=num_steps)
-    val = _mean_loss(loss_fn, optax.tree.add(params, optax.tree.mul(c, u)), batch,
-                     chunk_size)
-    better = val > best_val
-    best_val = jnp.where(better, val, best_val)
-    best_u = optax.tree.where(better, u, best_u)
+    best_val, best_u = _best_ascent(loss_fn, params, batch, c, u0, step_fn, num_steps,
+                                    chunk_size)
     base = _mean_loss(loss_fn, params, batch, chunk_size)
     value = 100.0 * (best_val - base) / (1.0 + base)
     return WorstCaseSharpness(value, base, best_val, optax.tree.mul(c, best_u))
