@@ -1,6 +1,6 @@
 """The ravine shared by the Shampoo, SOAP and K-FAC tests: least squares with condition 10³.
 
-A linear model `x @ W` (W: 6 × 3) on inputs whose covariance has eigenvalues
+A linear model `x @ W` (W: 20 × 10) on inputs whose covariance has eigenvalues
 log-spaced over [1e-3, 1] in a random basis, so the Hessian of the mean loss
 ½‖xW − y‖² is Σ ⊗ I with condition number exactly 10³ and the minimum is 0.
 """
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-D_IN, D_OUT, N = 6, 3, 48
+D_IN, D_OUT, N = 20, 10, 64
 TARGET = 1e-6
 
 
