@@ -5,6 +5,8 @@ log-spaced over [1e-3, 1] in a random basis, so the Hessian of the mean loss
 ½‖xW − y‖² is Σ ⊗ I with condition number exactly 10³ and the minimum is 0.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +59,7 @@ def best_steps(make_opt, learning_rates, num_steps):
     return int(jnp.min(run(jnp.asarray(learning_rates))))
 
 
+@functools.lru_cache(maxsize=None)   # shared by the three test modules in one session
 def baselines(num_steps=20_000):
     """Steps for SGD and Adam with the best learning rate on a log grid."""
     sgd = best_steps(optax.sgd, np.geomspace(0.05, 2.0, 12), num_steps)
