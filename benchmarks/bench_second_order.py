@@ -6,13 +6,14 @@
    the refresh cost is amortized; reported as a ratio to Adam's step.
 2. Steps to a training loss of TARGET on MNIST-1D (4 000 examples, mini-batches of
    512, the 256-wide MLP), each optimizer at the best of three learning rates (one
-   vmapped program per optimizer), loss on the whole training set every 10 steps.
+   compiled program per optimizer), loss on the whole training set every 10 steps.
 
 Run: `python -m benchmarks.bench_second_order` (a few minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -27,8 +28,8 @@ from transforms.soap import soap
 
 PERIOD = 10
 BATCH = 512
-TARGET = 0.3
-MAX_STEPS = 1500
+TARGET = 0.4
+MAX_STEPS = 600
 EVAL_EVERY = 10
 
 
@@ -91,6 +92,8 @@ def time_per_step(sizes):
         run = jax.jit(lambda c: jax.lax.scan(step, c, (x, y))[0])
         carry = (params, opt.init(params), key)
         out[name] = median_time(lambda: jax.block_until_ready(run(carry)), repeats=3) / PERIOD
+        print(f"  {'-'.join(map(str, sizes))} {name}: {1e3 * out[name]:.2f} ms/step",
+              flush=True)
     return out
 
 
@@ -106,10 +109,12 @@ def steps_to_target(x, y):
     sizes = (40, 256, 256, 10)
     params = init_mlp(jax.random.key(1), sizes)
     layers = find_dense_layers(apply_mlp, params, x[:1])
-    n_batches = x.shape[0] // BATCH
-    perm = np.random.default_rng(0).permutation(np.tile(np.arange(x.shape[0]), 1 + MAX_STEPS * BATCH // x.shape[0]))
-    idx = jnp.asarray(perm[:MAX_STEPS * BATCH].reshape(MAX_STEPS // EVAL_EVERY, EVAL_EVERY, BATCH))
-    del n_batches
+    # a fresh shuffle of the training set per epoch, cut into batches
+    rng = np.random.default_rng(0)
+    epochs = 1 + MAX_STEPS * BATCH // x.shape[0]
+    order = np.concatenate([rng.permutation(x.shape[0]) for _ in range(epochs)])
+    idx = jnp.asarray(order[:MAX_STEPS * BATCH].reshape(MAX_STEPS // EVAL_EVERY,
+                                                        EVAL_EVERY, BATCH))
     results = {}
     for name, (make, uses_stats, lrs) in optimizers(layers).items():
         def train(lr):
@@ -124,8 +129,11 @@ def steps_to_target(x, y):
                                      idx)
             return losses
 
+        # one compilation per optimizer, the learning rate a traced argument; a loop
+        # rather than vmap, which ran pathologically slowly here (see the report)
         t0 = time.perf_counter()
-        losses = np.asarray(jax.jit(jax.vmap(train))(jnp.asarray(lrs, jnp.float32)))
+        run = jax.jit(train)
+        losses = np.stack([np.asarray(run(jnp.asarray(lr, jnp.float32))) for lr in lrs])
         wall = time.perf_counter() - t0
         steps = [EVAL_EVERY * (int(np.argmax(row <= TARGET)) + 1) if np.any(row <= TARGET)
                  else None for row in losses]
@@ -133,6 +141,7 @@ def steps_to_target(x, y):
                                                    losses[i, -1]))
         results[name] = dict(lr=lrs[best], steps=steps[best],
                              final=float(losses[best, -1]), wall=wall)
+        print(f"  MNIST-1D {name}: {results[name]}", flush=True)
     return results
 
 
@@ -146,7 +155,8 @@ def main() -> None:
     lines = [
         "## Second-order optimizers: Shampoo, SOAP, K-FAC (`bench_second_order`)",
         "",
-        f"Machine: {machine()}. float32, jitted; medians of 3 runs.",
+        f"Machine: {machine()}. float32, jitted; medians of 3 runs; load average "
+        f"{os.getloadavg()[0]:.1f} when written (other jobs share the cores).",
         "",
         f"Time per training step (gradient + statistics + update), batch {BATCH}, "
         f"amortized over a refresh period of {PERIOD} steps (roots, bases or inverses "
