@@ -1,0 +1,196 @@
+"""Shampoo, SOAP and K-FAC against Adam: time per step and steps to a training loss.
+
+1. Time per step (gradient + statistics + update, jitted, float32, batch 512) on the
+   MLPs 40→256→256→10 and 40→1024→1024→10, measured over a `lax.scan` of one whole
+   refresh period (10 steps, one of which refreshes the roots / bases / inverses), so
+   the refresh cost is amortized; reported as a ratio to Adam's step.
+2. Steps to a training loss of TARGET on MNIST-1D (4 000 examples, mini-batches of
+   512, the 256-wide MLP), each optimizer at the best of three learning rates (one
+   compiled program per optimizer), loss on the whole training set every 10 steps.
+
+Run: `python -m benchmarks.bench_second_order` (a few minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks._results import machine, median_time, write_section
+from transforms.kfac import find_dense_layers, kfac, kfac_statistics
+from transforms.shampoo import shampoo
+from transforms.soap import soap
+
+PERIOD = 10
+BATCH = 512
+TARGET = 0.4
+MAX_STEPS = 600
+EVAL_EVERY = 10
+
+
+def init_mlp(key, sizes):
+    params = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        key, k = jax.random.split(key)
+        params.append({"w": jax.random.normal(k, (a, b), jnp.float32) * np.sqrt(2.0 / a),
+                       "b": jnp.zeros(b, jnp.float32)})
+    return params
+
+
+def apply_mlp(params, x):
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def loss_fn(params, batch):
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(apply_mlp(params, x), y).mean()
+
+
+def optimizers(layers):
+    """name -> (make(learning_rate), needs K-FAC statistics, learning-rate grid)."""
+    return {
+        "adam": (lambda lr: optax.adam(lr), False, (1e-3, 3e-3, 1e-2)),
+        "shampoo": (lambda lr: shampoo(lr, precondition_every=PERIOD,
+                                       start_preconditioning_step=PERIOD),
+                    False, (1e-3, 3e-3, 1e-2)),
+        "soap": (lambda lr: soap(lr, b1=0.9, b2=0.999, precondition_every=PERIOD),
+                 False, (1e-3, 3e-3, 1e-2)),
+        "kfac": (lambda lr: kfac(lr, layers, damping=1e-2, inverse_every=PERIOD,
+                                 momentum=0.9), True, (0.01, 0.03, 0.1)),
+    }
+
+
+def make_step(opt, uses_stats):
+    def step(carry, batch):
+        params, state, key = carry
+        key, sub = jax.random.split(key)
+        grads = jax.grad(loss_fn)(params, batch)
+        extra = ({"statistics": kfac_statistics(apply_mlp, params, batch[0], key=sub)}
+                 if uses_stats else {})
+        updates, state = opt.update(grads, state, params, **extra)
+        return (optax.apply_updates(params, updates), state, key), None
+    return step
+
+
+def time_per_step(sizes):
+    key = jax.random.key(0)
+    params = init_mlp(key, sizes)
+    x = jax.random.normal(key, (PERIOD, BATCH, sizes[0]), jnp.float32)
+    y = jax.random.randint(key, (PERIOD, BATCH), 0, sizes[-1])
+    layers = find_dense_layers(apply_mlp, params, x[0])
+    out = {}
+    for name, (make, uses_stats, lrs) in optimizers(layers).items():
+        opt = make(lrs[1])
+        step = make_step(opt, uses_stats)
+        run = jax.jit(lambda c: jax.lax.scan(step, c, (x, y))[0])
+        carry = (params, opt.init(params), key)
+        out[name] = median_time(lambda: jax.block_until_ready(run(carry)), repeats=3) / PERIOD
+        print(f"  {'-'.join(map(str, sizes))} {name}: {1e3 * out[name]:.2f} ms/step",
+              flush=True)
+    return out
+
+
+def mnist1d_data():
+    from mnist1d.data import get_dataset_args, make_dataset
+    state = np.random.get_state()   # make_dataset seeds numpy's global generator
+    data = make_dataset(get_dataset_args())
+    np.random.set_state(state)
+    return jnp.asarray(data["x"], jnp.float32), jnp.asarray(data["y"], jnp.int32)
+
+
+def steps_to_target(x, y):
+    sizes = (40, 256, 256, 10)
+    params = init_mlp(jax.random.key(1), sizes)
+    layers = find_dense_layers(apply_mlp, params, x[:1])
+    # a fresh shuffle of the training set per epoch, cut into batches
+    rng = np.random.default_rng(0)
+    epochs = 1 + MAX_STEPS * BATCH // x.shape[0]
+    order = np.concatenate([rng.permutation(x.shape[0]) for _ in range(epochs)])
+    idx = jnp.asarray(order[:MAX_STEPS * BATCH].reshape(MAX_STEPS // EVAL_EVERY,
+                                                        EVAL_EVERY, BATCH))
+    results = {}
+    for name, (make, uses_stats, lrs) in optimizers(layers).items():
+        def train(lr):
+            opt = make(lr)
+            step = make_step(opt, uses_stats)
+
+            def chunk(carry, ids):
+                carry, _ = jax.lax.scan(step, carry, (x[ids], y[ids]))
+                return carry, loss_fn(carry[0], (x, y))
+
+            _, losses = jax.lax.scan(chunk, (params, opt.init(params), jax.random.key(2)),
+                                     idx)
+            return losses
+
+        # one compilation per optimizer, the learning rate a traced argument; a loop
+        # rather than vmap, which ran pathologically slowly here (see the report)
+        t0 = time.perf_counter()
+        run = jax.jit(train)
+        losses = np.stack([np.asarray(run(jnp.asarray(lr, jnp.float32))) for lr in lrs])
+        wall = time.perf_counter() - t0
+        steps = [EVAL_EVERY * (int(np.argmax(row <= TARGET)) + 1) if np.any(row <= TARGET)
+                 else None for row in losses]
+        best = min(range(len(lrs)), key=lambda i: (steps[i] is None, steps[i] or 0,
+                                                   losses[i, -1]))
+        results[name] = dict(lr=lrs[best], steps=steps[best],
+                             final=float(losses[best, -1]), wall=wall)
+        print(f"  MNIST-1D {name}: {results[name]}", flush=True)
+    return results
+
+
+def main() -> None:
+    timings = {"40-256-256-10": time_per_step((40, 256, 256, 10)),
+               "40-1024-1024-10": time_per_step((40, 1024, 1024, 10))}
+    x, y = mnist1d_data()
+    runs = steps_to_target(x, y)
+
+    names = ["adam", "shampoo", "soap", "kfac"]
+    lines = [
+        "## Second-order optimizers: Shampoo, SOAP, K-FAC (`bench_second_order`)",
+        "",
+        f"Machine: {machine()}. float32, jitted; medians of 3 runs; load average "
+        f"{os.getloadavg()[0]:.1f} when written (other jobs share the cores).",
+        "",
+        f"Time per training step (gradient + statistics + update), batch {BATCH}, "
+        f"amortized over a refresh period of {PERIOD} steps (roots, bases or inverses "
+        f"recomputed once per period); Shampoo block size 1024, K-FAC with its "
+        "statistics (one extra forward and backward pass) every step.",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for model, t in timings.items():
+        cells = [f"{1e3 * t['adam']:.2f} ms (1×)"] + [
+            f"{1e3 * t[n]:.2f} ms ({t[n] / t['adam']:.1f}×)" for n in names[1:]]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Steps to a training loss of {TARGET} on MNIST-1D (4 000 examples, batches of "
+        f"{BATCH}, MLP 40-256-256-10, loss on the whole training set every {EVAL_EVERY} "
+        f"steps, at most {MAX_STEPS} steps), best of three learning rates each; the "
+        "time to target is steps × the time per step above.",
+        "",
+        "| optimizer | learning rate | steps to target | time to target | final loss |",
+        "|---|---|---|---|---|",
+    ]
+    t256 = timings["40-256-256-10"]
+    for n in names:
+        r = runs[n]
+        steps = r["steps"]
+        lines.append(
+            f"| {n} | {r['lr']:g} | {steps if steps else f'> {MAX_STEPS}'} | "
+            f"{f'{steps * t256[n]:.2f} s' if steps else '—'} | {r['final']:.3f} |")
+    text = "\n".join(lines)
+    print(text)
+    write_section("bench_second_order", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Blocking, Kronecker statistics and damped inverse roots shared by Shampoo and SOAP.
+
+A parameter of shape `s` is viewed as a tensor of rank k >= 2 (dimensions of size 1
+dropped; for rank > 2, adjacent dimensions merged while their product stays within
+`block_size`), and each dimension larger than `block_size` is cut into the fewest
+equal blocks of at most `block_size` (zero-padded at the end). All blocks of one
+parameter share a shape, so a parameter's blocks are one array `(num_blocks, b_1, ...,
+b_k)` and their statistics `(num_blocks, b_i, b_i)` are decomposed in one batched
+`eigh`. Zero padding adds zero rows and columns to the statistics, which the damping
+keeps invertible and which multiply zero entries of the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class BlockPlan(NamedTuple):
+    """Static description of how one parameter is cut into blocks."""
+
+    shape: tuple[int, ...]        # the parameter's shape
+    merged: tuple[int, ...]       # the tensor shape that is preconditioned
+    num_blocks: tuple[int, ...]   # blocks along each merged dimension
+    block: tuple[int, ...]        # block size along each merged dimension
+
+    @property
+    def preconditioned(self) -> bool:
+        return len(self.merged) >= 2
+
+    @property
+    def total_blocks(self) -> int:
+        return math.prod(self.num_blocks)
+
+    @property
+    def rank(self) -> int:
+        return len(self.merged)
+
+
+def merge_dims(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """Drop size-1 dimensions; for rank > 2 merge neighbours whose product fits a block."""
+    dims = [d for d in shape if d != 1]
+    if len(dims) <= 2:
+        return tuple(dims)
+    out = [dims[0]]
+    for d in dims[1:]:
+        if out[-1] * d <= block_size:
+            out[-1] *= d
+        else:
+            out.append(d)
+    if len(out) < 2:  # everything fitted one block: keep a matrix rather than a vector
+        out = [math.prod(dims[:-1]), dims[-1]]
+    return tuple(out)
+
+
+def make_plan(shape: tuple[int, ...], block_size: int) -> BlockPlan:
+    merged = merge_dims(tuple(int(d) for d in shape), block_size)
+    if len(merged) < 2:
+        return BlockPlan(tuple(shape), merged, (), ())
+    nb = tuple(-(-d // block_size) for d in merged)
+    bs = tuple(-(-d // n) for d, n in zip(merged, nb))
+    return BlockPlan(tuple(shape), merged, nb, bs)
+
+
+def to_blocks(x: jax.Array, plan: BlockPlan) -> jax.Array:
+    """`(total_blocks, b_1, ..., b_k)` view of a parameter-shaped array."""
+    k = plan.rank
+    x = x.reshape(plan.merged)
+    pad = [(0, n * b - d) for d, n, b in zip(plan.merged, plan.num_blocks, plan.block)]
+    if any(p[1] for p in pad):
+        x = jnp.pad(x, pad)
+    x = x.reshape([s for nb in zip(plan.num_blocks, plan.block) for s in nb])
+    x = x.transpose(list(range(0, 2 * k, 2)) + list(range(1, 2 * k, 2)))
+    return x.reshape((plan.total_blocks,) + plan.block)
+
+
+def from_blocks(xb: jax.Array, plan: BlockPlan) -> jax.Array:
+    """Inverse of `to_blocks`: padding removed, original shape restored."""
+    k = plan.rank
+    x = xb.reshape(plan.num_blocks + plan.block)
+    order = [j for i in range(k) for j in (i, k + i)]
+    x = x.transpose(order).reshape([n * b for n, b in zip(plan.num_blocks, plan.block)])
+    x = x[tuple(slice(0, d) for d in plan.merged)]
+    return x.reshape(plan.shape)
+
+
+def mode_statistic(xb: jax.Array, i: int) -> jax.Array:
+    """`X_(i) X_(i)ᵀ` per block: the mode-i Gram matrix, `(total_blocks, b_i, b_i)`."""
+    u = jnp.moveaxis(xb, 1 + i, 1)
+    u = u.reshape(u.shape[0], u.shape[1], -1)
+    return u @ jnp.swapaxes(u, -1, -2)
+
+
+def mode_product(xb: jax.Array, m: jax.Array, i: int) -> jax.Array:
+    """`X ×_i M` per block: `out[.., a, ..] = Σ_j M[a, j] X[.., j, ..]` along dimension i."""
+    y = jnp.moveaxis(xb, 1 + i, -1)
+    shape = y.shape
+    y = y.reshape(shape[0], -1, shape[-1]) @ jnp.swapaxes(m, -1, -2)
+    return jnp.moveaxis(y.reshape(shape), -1, 1 + i)
+
+
+def identity_blocks(plan: BlockPlan, dtype) -> tuple[jax.Array, ...]:
+    return tuple(jnp.broadcast_to(jnp.eye(b, dtype=dtype), (plan.total_blocks, b, b))
+                 for b in plan.block)
+
+
+def zero_blocks(plan: BlockPlan, dtype) -> tuple[jax.Array, ...]:
+    return tuple(jnp.zeros((plan.total_blocks, b, b), dtype) for b in plan.block)
+
+
+def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # One seam for the decomposition, so tests can make it fail on purpose.
+    return jnp.linalg.eigh(x)
+
+
+def _finite_per_block(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x), axis=(-2, -1))
+
+
+def inverse_root(stat: jax.Array, p: float, eps: float, previous: jax.Array) -> jax.Array:
+    """`(S + eps I)^(-1/p)` per block from a symmetric eigendecomposition.
+
+    Negative eigenvalues from round-off are clipped to 0 before damping. A block whose
+    statistic or decomposition is not finite (float32 `eigh` can fail on badly
+    conditioned matrices) keeps `previous`, so no NaN reaches the update.
+    """
+    sym = 0.5 * (stat + jnp.swapaxes(stat, -1, -2))
+    ok_in = _finite_per_block(sym)
+    sym = jnp.where(ok_in[:, None, None], sym, jnp.eye(sym.shape[-1], dtype=sym.dtype))
+    w, v = _eigh(sym)
+    scale = (jnp.maximum(w, 0.0) + eps) ** (-1.0 / p)
+    root = (v * scale[:, None, :]) @ jnp.swapaxes(v, -1, -2)
+    ok = ok_in & _finite_per_block(root)
+    return jnp.where(ok[:, None, None], root, previous)
+
+
+def eigenbasis(stat: jax.Array, previous: jax.Array) -> jax.Array:
+    """Eigenvectors of each symmetric block (columns, eigenvalues descending); `previous`
+    where the decomposition is not finite."""
+    sym = 0.5 * (stat + jnp.swapaxes(stat, -1, -2))
+    ok_in = _finite_per_block(sym)
+    sym = jnp.where(ok_in[:, None, None], sym, jnp.eye(sym.shape[-1], dtype=sym.dtype))
+    _, v = _eigh(sym)
+    v = v[..., ::-1]
+    ok = ok_in & _finite_per_block(v)
+    return jnp.where(ok[:, None, None], v, previous)
+
+
+def qr_power_step(stat: jax.Array, previous: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One power step `Q ← qr(S Q)` after sorting Q's columns by the Rayleigh quotients
+    `diag(Qᵀ S Q)` (descending), as in SOAP. Returns the new basis and the sort order,
+    which the caller applies to state kept in the eigenbasis."""
+    est = jnp.einsum("nji,njk,nki->ni", previous, stat, previous)
+    order = jnp.argsort(-est, axis=-1)
+    q = jnp.take_along_axis(previous, order[:, None, :], axis=-1)
+    q, _ = jnp.linalg.qr(stat @ q)
+    ok = _finite_per_block(q)
+    q = jnp.where(ok[:, None, None], q, previous)
+    order = jnp.where(ok[:, None], order, jnp.arange(order.shape[-1])[None, :])
+    return q, order
+
+
+def check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+            or block_size < 2:
+        raise ValueError(f"`block_size` must be an integer >= 2; got {block_size!r}.")
+    return int(block_size)

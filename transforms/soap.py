@@ -1,0 +1,202 @@
+"""SOAP: Adam run in the eigenbasis of Shampoo's preconditioner.
+
+Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson & Kakade (2024), "SOAP:
+Improving and Stabilizing Shampoo using Adam".
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from transforms import _second_order_blocks as blocks
+from transforms import _second_order_validate as check
+
+_BASES = ("eigh", "qr")
+
+
+class SoapState(NamedTuple):
+    """State of `scale_by_soap`.
+
+    `stats`, `bases` and `nu` hold, for each parameter leaf in `jax.tree.leaves` order,
+    the Shampoo statistics and their eigenbases (one `(num_blocks, b_i, b_i)` array per
+    dimension) and Adam's second moment in the rotated coordinates `(num_blocks, b_1,
+    …, b_k)`; for vectors and scalars (plain Adam) `stats` and `bases` are empty tuples
+    and `nu` is shaped like the parameter.
+    """
+
+    count: jax.Array   # steps taken (int32)
+    mu: Any            # Adam's first moment, in the parameters' own coordinates
+    nu: tuple
+    stats: tuple
+    bases: tuple
+
+
+def _rotate(xb, bases, transpose):
+    for i, q in enumerate(bases):
+        xb = blocks.mode_product(xb, jnp.swapaxes(q, -1, -2) if transpose else q, i)
+    return xb
+
+
+def scale_by_soap(
+    b1: float = 0.95,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    *,
+    shampoo_b2: float | None = None,
+    block_size: int = 1024,
+    precondition_every: int = 10,
+    start_preconditioning_step: int = 0,
+    basis: str = "eigh",
+) -> optax.GradientTransformation:
+    """Rescale updates by SOAP (no learning rate; see `soap`).
+
+    For a matrix parameter with gradient G at step t:
+
+    1. L ← β L + (1 − β) G Gᵀ, R ← β R + (1 − β) Gᵀ G (β = `shampoo_b2`, default b2);
+       tensors keep one statistic per dimension, and long dimensions are blocked as in
+       Shampoo (`block_size`).
+    2. Every `precondition_every` steps from `start_preconditioning_step`, the bases
+       Q_L, Q_R are refreshed: eigenvectors from `eigh` (`basis="eigh"`), or one power
+       step Q ← qr(S Q) after the first `eigh` (`basis="qr"`, SOAP's cheaper refresh,
+       which also permutes Adam's second moment to follow the sorted columns). Before
+       the first refresh the bases are the identity; a failed decomposition keeps the
+       previous basis.
+    3. m ← b1 m + (1 − b1) G in the original coordinates; G' = Q_Lᵀ G Q_R and
+       v ← b2 v + (1 − b2) G'² in the rotated ones;
+       update = Q_L [m̂' / (√v̂ + eps)] Q_Rᵀ with m' = Q_Lᵀ m̂ Q_R and Adam's bias
+       corrections, exactly optax's Adam when the bases are the identity.
+
+    Vectors and scalars use plain Adam. Unlike the reference implementation, the first
+    step is not skipped: its basis comes from the first gradient's statistics.
+
+    Cost for an (m × n) parameter with blocks of size b: memory O(mn + (m + n)·b) (two
+    moments, statistics and bases); compute per step O(mn·b) for the statistics and the
+    four rotations, plus O((m + n)·b²) per refresh (`eigh` or QR).
+
+    Args:
+      b1: Adam's first-moment decay in [0, 1).
+      b2: Adam's second-moment decay in [0, 1).
+      eps: Adam's ε (>= 0).
+      shampoo_b2: decay of the statistics in [0, 1); by default b2.
+      block_size: the largest block along any dimension (>= 2).
+      precondition_every: steps between basis refreshes (>= 1).
+      start_preconditioning_step: the step (from 0) of the first refresh.
+      basis: "eigh" or "qr".
+
+    Example:
+      >>> opt = optax.chain(scale_by_soap(), optax.scale_by_learning_rate(3e-3))
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update(grads, state, params)
+    """
+    b1 = check.decay(b1, "b1")
+    b2 = check.decay(b2, "b2")
+    eps = check.non_negative(eps, "eps")
+    sb2 = b2 if shampoo_b2 is None else check.decay(shampoo_b2, "shampoo_b2")
+    block_size = blocks.check_block_size(block_size)
+    precondition_every = check.positive_int(precondition_every, "precondition_every")
+    start = check.non_negative_int(start_preconditioning_step, "start_preconditioning_step")
+    basis = check.choice(basis, "basis", _BASES)
+
+    def init_fn(params):
+        stats, bases, nu = [], [], []
+        for p in jax.tree.leaves(params):
+            pl = blocks.make_plan(jnp.shape(p), block_size)
+            if pl.preconditioned:
+                stats.append(blocks.zero_blocks(pl, p.dtype))
+                bases.append(blocks.identity_blocks(pl, p.dtype))
+                nu.append(jnp.zeros((pl.total_blocks,) + pl.block, p.dtype))
+            else:
+                stats.append(())
+                bases.append(())
+                nu.append(jnp.zeros_like(p))
+        return SoapState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params),
+                         tuple(nu), tuple(stats), tuple(bases))
+
+    def refresh_fn(first):
+        def refresh(st, qs, v):
+            new_qs = []
+            for i, (s, q) in enumerate(zip(st, qs)):
+                if basis == "eigh":
+                    new_qs.append(blocks.eigenbasis(s, q))
+                    continue
+                q_eig = blocks.eigenbasis(s, q)
+                q_pow, order = blocks.qr_power_step(s, q)
+                v_perm = _permute(v, order, i)
+                new_qs.append(jnp.where(first, q_eig, q_pow))
+                v = jnp.where(first, v, v_perm)
+            return tuple(new_qs), v
+        return refresh
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = state.count
+        count_inc = optax.safe_increment(count)
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+        c2 = 1 - b2 ** count_inc  # as optax.tree.bias_correction
+        refresh = (count >= start) & ((count - start) % precondition_every == 0)
+        first = count == start
+
+        leaves_g, treedef = jax.tree.flatten(updates)
+        leaves_m = treedef.flatten_up_to(mu_hat)
+        out, nus, stats, bases = [], [], [], []
+        for g, m, v, st, qs in zip(leaves_g, leaves_m, state.nu, state.stats, state.bases):
+            pl = blocks.make_plan(jnp.shape(g), block_size)
+            if not pl.preconditioned:
+                v = (1 - b2) * (g * jnp.conj(g)) + b2 * v
+                out.append(m / (jnp.sqrt(v / c2.astype(v.dtype)) + eps))
+                nus.append(v)
+                stats.append(())
+                bases.append(())
+                continue
+            gb = blocks.to_blocks(g, pl)
+            st = tuple(sb2 * s + (1 - sb2) * blocks.mode_statistic(gb, i)
+                       for i, s in enumerate(st))
+            qs, v = jax.lax.cond(refresh, refresh_fn(first), lambda s, q, v: (q, v),
+                                 st, qs, v)
+            g_rot = _rotate(gb, qs, transpose=True)
+            v = (1 - b2) * (g_rot * g_rot) + b2 * v
+            m_rot = _rotate(blocks.to_blocks(m, pl), qs, transpose=True)
+            d_rot = m_rot / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
+            out.append(blocks.from_blocks(_rotate(d_rot, qs, transpose=False), pl))
+            nus.append(v)
+            stats.append(st)
+            bases.append(qs)
+        new_state = SoapState(count_inc, mu, tuple(nus), tuple(stats), tuple(bases))
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _permute(v, order, i):
+    """Reorder axis 1 + i of the rotated second moment by each block's column order."""
+    shape = [order.shape[0]] + [1] * (v.ndim - 1)
+    shape[1 + i] = order.shape[1]
+    idx = jnp.broadcast_to(order.reshape(shape), v.shape)
+    return jnp.take_along_axis(v, idx, axis=1 + i)
+
+
+def soap(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    **kwargs,
+) -> optax.GradientTransformation:
+    """SOAP with a learning rate: `scale_by_soap` followed by a descent step.
+
+    Keyword arguments (`shampoo_b2`, `block_size`, `precondition_every`,
+    `start_preconditioning_step`, `basis`) are those of `scale_by_soap`.
+
+    Example:
+      >>> opt = soap(learning_rate=3e-3, precondition_every=10)
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update(grads, state)
+      >>> params = optax.apply_updates(params, updates)
+    """
+    return optax.chain(scale_by_soap(b1, b2, eps, **kwargs),
+                       optax.scale_by_learning_rate(learning_rate))
