@@ -229,6 +229,13 @@ def _check_optimizers(cfg: dict) -> None:
         if key in seen:
             continue
         seen.add(key)
+        if name == "kfac":
+            # Its layers come from the model when training starts; check the other
+            # hyper-parameters against the layers of a one-matrix stand-in.
+            import jax.numpy as jnp
+
+            opt.setdefault("layers", tx.find_dense_layers(
+                lambda w, x: x @ w, jnp.zeros((2, 2)), jnp.zeros((1, 2))))
         try:
             tx.make(name, **opt)
         except ValueError as e:

@@ -65,12 +65,14 @@ def loss_function(apply_fn, loss: str):
     return loss_fn
 
 
-def build_optimizer(opt_cfg: dict, hyper: dict[str, jax.Array],
-                    total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(opt_cfg: dict, hyper: dict[str, jax.Array], total_steps: int,
+                    layers: tuple = ()) -> optax.GradientTransformation:
     """The member's optimizer from `transforms.make`; `hyper` holds its vmapped (traced)
     hyper-parameters. `schedule = "cosine"` decays the learning rate to zero over the
-    training budget."""
+    training budget. `layers` are the model's dense layers, which K-FAC needs."""
     kw = {k: v for k, v in opt_cfg.items() if k not in ("name", "schedule")}
+    if opt_cfg["name"] == "kfac":
+        kw["layers"] = layers
     kw.update(hyper)
     if opt_cfg.get("schedule", "constant") == "cosine":
         kw["learning_rate"] = optax.cosine_decay_schedule(kw["learning_rate"], total_steps)
@@ -109,20 +111,22 @@ def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size:
     target = float(train_cfg["until_train_loss"])
     diverge_above = float(train_cfg["diverge_above"])
     loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
+    layers = (tx.find_dense_layers(model.apply_fn, model.init(jax.random.key(0)), x[:1])
+              if opt_cfg["name"] == "kfac" else ())
 
     def start(hyper, seed):
         # Three streams from the seed: initialization, data order, the optimizer's own
         # randomness (probes, sampled labels).
         k_init, k_data, k_step = jax.random.split(jax.random.key(seed), 3)
         params = model.init(k_init)
-        opt_state = build_optimizer(opt_cfg, hyper, steps).init(params)
+        opt_state = build_optimizer(opt_cfg, hyper, steps, layers).init(params)
         return params, opt_state, jnp.arange(n), jnp.asarray(RUNNING), jnp.stack(
             [k_data, k_step])
 
     def window(r, hyper, params, opt_state, perm, status, keys):
         k_data, k_step = keys[0], keys[1]
         """`every` steps of one member; `r` (the window index) is shared by all members."""
-        opt = build_optimizer(opt_cfg, hyper, steps)
+        opt = build_optimizer(opt_cfg, hyper, steps, layers)
 
         def step(carry, t):
             params, opt_state, perm, status, total, count = carry

@@ -15,7 +15,10 @@ Adam's and a weight decay 3–10× above AdamW's:
 
 The building blocks are ordinary optax transforms and chain with the rest of optax:
 `sharpness_aware` (SAM / ASAM / GSAM), `gauss_newton_bartlett` (Sophia-G's estimator
-for `optax.contrib.sophia`), `scale_by_adahessian`; Lion and Sophia-H are optax's own.
+for `optax.contrib.sophia`), `scale_by_adahessian`, `scale_by_shampoo`, `scale_by_soap`,
+`scale_by_kfac` (with `kfac_statistics` and `find_dense_layers`); Lion and Sophia-H are
+optax's own. `make("kfac", ...)` needs `layers=find_dense_layers(apply_fn, params, x)`
+and computes its statistics inside `train_step(..., apply_fn=apply_fn)`.
 """
 
 from optax import lion
@@ -47,6 +50,16 @@ from transforms._sam import (
     sharpness_aware,
 )
 from transforms._sophia import gauss_newton_bartlett, sophia_g, sophia_h
+from transforms.kfac import (
+    KFACState,
+    KFACStatistics,
+    find_dense_layers,
+    kfac,
+    kfac_statistics,
+    scale_by_kfac,
+)
+from transforms.shampoo import ShampooState, scale_by_shampoo, shampoo
+from transforms.soap import SoapState, scale_by_soap, soap
 from transforms.train import StepResult, train_step
 
 __all__ = [
@@ -55,5 +68,7 @@ __all__ = [
     "hutchinson_diagonal", "hutchinson_estimator_diag_hessian", "hyperparameters",
     "lion", "make", "names", "register", "sam", "sam_ascent", "scale_by_adahessian",
     "sharpness_aware", "sophia_g", "sophia_h", "spatial_average",
-    "train_step",
+    "train_step", "KFACState", "KFACStatistics", "ShampooState", "SoapState",
+    "find_dense_layers", "kfac", "kfac_statistics", "scale_by_kfac", "scale_by_shampoo",
+    "scale_by_soap", "shampoo", "soap",
 ]

@@ -21,6 +21,9 @@ from transforms._checks import (boolean, choice, fraction, integer, nonnegative,
                                 positive, positive_int, schedule_or, unit_interval)
 from transforms import _sam
 from transforms import _sophia
+from transforms import kfac as _kfac
+from transforms import shampoo as _shampoo
+from transforms import soap as _soap
 
 __all__ = ["Hyper", "LEARNING_RATE", "OptimizerSpec", "REQUIRED", "boolean", "choice",
            "fraction", "hyperparameters", "integer", "make", "names", "nonnegative",
@@ -179,3 +182,60 @@ register("adahessian", _adahessian.adahessian, {
     "hessian_power": Hyper(1.0, fraction),
     "update_interval": Hyper(1, positive_int), "spatial_averaging": Hyper(True, boolean)})
 
+
+_BLOCK = Hyper(1024, positive_int)
+_EVERY = Hyper(10, positive_int)
+register("shampoo", _shampoo.shampoo, {
+    "learning_rate": LEARNING_RATE, "b1": _B1, "b2": Hyper(0.999, fraction),
+    "eps": Hyper(1e-6, positive), "block_size": _BLOCK, "precondition_every": _EVERY,
+    "stats_every": Hyper(1, positive_int), "start_preconditioning_step": Hyper(10, integer),
+    "graft": Hyper("adam", choice("adam", "sgd", "none")), "graft_eps": Hyper(1e-8, positive),
+    "exponent": Hyper(None, optional(positive))})
+register("soap", _soap.soap, {
+    "learning_rate": LEARNING_RATE, "b1": Hyper(0.95, unit_interval),
+    "b2": Hyper(0.95, unit_interval), "eps": Hyper(1e-8, positive),
+    "shampoo_b2": Hyper(None, optional(unit_interval)), "block_size": _BLOCK,
+    "precondition_every": _EVERY, "start_preconditioning_step": Hyper(0, integer),
+    "basis": Hyper("eigh", choice("eigh", "qr"))})
+
+
+def _layers(value, name):
+    if not isinstance(value, tuple) or not all(
+            isinstance(v, _kfac.tagging.DenseLayer) for v in value):
+        raise ValueError(f"`{name}` must be the tuple from "
+                         "find_dense_layers(apply_fn, params, inputs).")
+    return value
+
+
+def _kfac_with_statistics(learning_rate, layers, damping, decay, inverse_every, momentum,
+                          tikhonov, loss, num_samples):
+    """K-FAC that computes its own statistics from `train_step`'s extra arguments.
+
+    `update` uses `statistics` when given; otherwise it draws them for this step's batch
+    with `kfac_statistics(apply_fn, params, batch[0], key=key)` (the true Fisher), so
+    K-FAC runs through `train_step(..., apply_fn=...)` like every other optimizer.
+    """
+    inner = _kfac.kfac(learning_rate, layers, damping=damping, decay=decay,
+                       inverse_every=inverse_every, momentum=momentum, tikhonov=tikhonov)
+
+    def update_fn(updates, state, params=None, *, statistics=None, apply_fn=None,
+                  batch=None, key=None, **extra_args):
+        if statistics is None:
+            if apply_fn is None or batch is None or key is None or params is None:
+                raise ValueError("kfac needs `statistics`, or `apply_fn`, `batch`, `key` "
+                                 "and `params` to compute them (train_step(..., "
+                                 "apply_fn=apply_fn) supplies them).")
+            statistics = _kfac.kfac_statistics(apply_fn, params, batch[0], key=key,
+                                               loss=loss, num_samples=num_samples)
+        return inner.update(updates, state, params, statistics=statistics)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+register("kfac", _kfac_with_statistics, {
+    "learning_rate": LEARNING_RATE, "layers": Hyper(REQUIRED, _layers),
+    "damping": Hyper(1e-3, positive), "decay": Hyper(0.95, unit_interval),
+    "inverse_every": _EVERY, "momentum": Hyper(0.0, unit_interval),
+    "tikhonov": Hyper("factored", choice("factored", "exact")),
+    "loss": Hyper("cross_entropy", choice("cross_entropy", "mse")),
+    "num_samples": Hyper(1, positive_int)})

@@ -178,3 +178,14 @@ def test_every_measure_runs_inside_the_group_program(tmp_path):
     assert all(np.isfinite(rec[m]) for m in every)
     # Away from a minimum the ascent must find a loss increase, and flatness is 1/σ² > 0.
     assert rec["worst_case"] > 0 and rec["adaptive"] > 0 and rec["pac_bayes"] > 0
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap", "kfac"])
+def test_second_order_optimizers_train_in_the_runner(tmp_path, name):
+    res = experiments.run(TINY, out=tmp_path / name, overrides=[
+        f'optimizer.name="{name}"', "sweep.batch_size=[32]", "sweep.learning_rate=[0.01]",
+        "sweep.seed=[0]", 'measure.measures=["lambda_max"]'])
+    (rec,) = res.records()
+    assert rec["status"] == "finished"
+    curve = [v for _, v in res.curves()[rec["member"]]]
+    assert curve[-1] < curve[0]  # the training loss went down
