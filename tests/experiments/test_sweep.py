@@ -189,3 +189,20 @@ def test_second_order_optimizers_train_in_the_runner(tmp_path, name):
     assert rec["status"] == "finished"
     curve = [v for _, v in res.curves()[rec["member"]]]
     assert curve[-1] < curve[0]  # the training loss went down
+
+
+@pytest.mark.slow
+def test_the_default_study_runs_in_full(tmp_path):
+    # The main job (`make demo`): every member trained towards near-zero training loss,
+    # the four measures stored, and a report written. Minutes on a 2-core CPU.
+    res = experiments.run(None, out=tmp_path / "main")
+    recs = res.records()
+    assert len(recs) == 24 and not any(r["status"] == "diverged" for r in recs)
+    assert all(r["train_loss"] < 0.1 and r["train_accuracy"] > 0.99 for r in recs)
+    for m in ("lambda_max", "trace", "worst_case", "adaptive"):
+        assert all(np.isfinite(r[m]) for r in recs)
+    # The large-batch gap: the largest batch ends sharper than the smallest on average.
+    by_batch = {b: np.mean([r["lambda_max"] for r in recs if r["batch_size"] == b])
+                for b in (16, 1024)}
+    assert by_batch[1024] > by_batch[16]
+    assert write_report(res.path).is_file()
