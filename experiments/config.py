@@ -258,11 +258,16 @@ def swept_paths(cfg: dict) -> list[str]:
 
 
 def vmapped_paths(cfg: dict) -> list[str]:
-    """Swept paths that vary inside a group (see ALWAYS_VMAPPED)."""
+    """Swept paths that vary inside a group (see ALWAYS_VMAPPED); an optimizer's float
+    hyper-parameters only if every optimizer of the study accepts traced values."""
+    import transforms as tx
+
+    names = cfg["sweep"].get("optimizer.name", [cfg["optimizer"]["name"]])
+    traced = all(name in tx.names() and tx.registry.accepts_traced(name) for name in names)
     out = []
     for key, values in cfg["sweep"].items():
         path = SHORTHANDS.get(key, key)
-        if path in ALWAYS_VMAPPED or (path.startswith("optimizer.") and
+        if path in ALWAYS_VMAPPED or (traced and path.startswith("optimizer.") and
                                       all(isinstance(v, float) for v in values)):
             out.append(path)
     return out

@@ -25,7 +25,7 @@ from transforms import kfac as _kfac
 from transforms import shampoo as _shampoo
 from transforms import soap as _soap
 
-__all__ = ["Hyper", "LEARNING_RATE", "OptimizerSpec", "REQUIRED", "boolean", "choice",
+__all__ = ["Hyper", "LEARNING_RATE", "accepts_traced", "OptimizerSpec", "REQUIRED", "boolean", "choice",
            "fraction", "hyperparameters", "integer", "make", "names", "nonnegative",
            "optional", "positive", "positive_int", "register", "schedule_or",
            "unit_interval"]
@@ -49,9 +49,14 @@ class Hyper(NamedTuple):
 
 
 class OptimizerSpec(NamedTuple):
-    """A registered optimizer: `builder(**hyper) -> GradientTransformation`."""
+    """A registered optimizer: `builder(**hyper) -> GradientTransformation`.
+
+    `traced`: whether hyper-parameters other than the learning rate may be arrays or
+    tracers (vmapped); False where the builder branches on their values.
+    """
     builder: Callable[..., optax.GradientTransformation]
     hyper: Mapping[str, Hyper]
+    traced: bool = True
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -61,14 +66,16 @@ LEARNING_RATE = Hyper(REQUIRED, schedule_or(positive))
 
 
 def register(name: str, builder: Callable[..., optax.GradientTransformation],
-             hyper: Mapping[str, Hyper], *, overwrite: bool = False) -> None:
-    """Add an optimizer to `make` under `name`."""
+             hyper: Mapping[str, Hyper], *, overwrite: bool = False,
+             traced: bool = True) -> None:
+    """Add an optimizer to `make` under `name`; `traced=False` if its hyper-parameters
+    (other than the learning rate) must be Python values."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"`name` must be a non-empty string; got {name!r}.")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"An optimizer named {name!r} is already registered; pass "
                          "overwrite=True to replace it.")
-    _REGISTRY[name] = OptimizerSpec(builder, dict(hyper))
+    _REGISTRY[name] = OptimizerSpec(builder, dict(hyper), traced)
 
 
 def names() -> tuple[str, ...]:
@@ -80,6 +87,11 @@ def _spec(name):
     if name not in _REGISTRY:
         raise ValueError(f"Unknown optimizer {name!r}; valid choices: {', '.join(names())}.")
     return _REGISTRY[name]
+
+
+def accepts_traced(name: str) -> bool:
+    """Whether `name`'s hyper-parameters besides the learning rate may be traced (vmapped)."""
+    return _spec(name).traced
 
 
 def hyperparameters(name: str) -> dict[str, Any]:
@@ -190,13 +202,13 @@ register("shampoo", _shampoo.shampoo, {
     "eps": Hyper(1e-6, positive), "block_size": _BLOCK, "precondition_every": _EVERY,
     "stats_every": Hyper(1, positive_int), "start_preconditioning_step": Hyper(10, integer),
     "graft": Hyper("adam", choice("adam", "sgd", "none")), "graft_eps": Hyper(1e-8, positive),
-    "exponent": Hyper(None, optional(positive))})
+    "exponent": Hyper(None, optional(positive))}, traced=False)
 register("soap", _soap.soap, {
     "learning_rate": LEARNING_RATE, "b1": Hyper(0.95, unit_interval),
     "b2": Hyper(0.95, unit_interval), "eps": Hyper(1e-8, positive),
     "shampoo_b2": Hyper(None, optional(unit_interval)), "block_size": _BLOCK,
     "precondition_every": _EVERY, "start_preconditioning_step": Hyper(0, integer),
-    "basis": Hyper("eigh", choice("eigh", "qr"))})
+    "basis": Hyper("eigh", choice("eigh", "qr"))}, traced=False)
 
 
 def _layers(value, name):
@@ -238,4 +250,4 @@ register("kfac", _kfac_with_statistics, {
     "inverse_every": _EVERY, "momentum": Hyper(0.0, unit_interval),
     "tikhonov": Hyper("factored", choice("factored", "exact")),
     "loss": Hyper("cross_entropy", choice("cross_entropy", "mse")),
-    "num_samples": Hyper(1, positive_int)})
+    "num_samples": Hyper(1, positive_int)}, traced=False)

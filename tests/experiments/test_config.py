@@ -85,3 +85,13 @@ def test_cli_list_names_the_shipped_configs():
     proc = subprocess.run([sys.executable, "-m", "experiments.cli", "list"],
                           capture_output=True, text=True, check=True)
     assert "sharpness_vs_generalization" in proc.stdout
+
+
+def test_only_optimizers_that_accept_traced_values_get_vmapped_hyperparameters():
+    sam = cfglib.load(TINY, ['optimizer.name="sam"', "sweep.optimizer.rho=[0.01, 0.05]"])
+    assert "optimizer.rho" in cfglib.vmapped_paths(sam)
+    assert len(cfglib.groups(sam)) == 2  # batch sizes only
+    # Shampoo branches on b2 (b2 = 1: plain sums), so each value is its own program.
+    sh = cfglib.load(TINY, ['optimizer.name="shampoo"', "sweep.optimizer.b2=[0.99, 0.999]"])
+    assert "optimizer.b2" not in cfglib.vmapped_paths(sh)
+    assert len(cfglib.groups(sh)) == 2 * 2
