@@ -206,3 +206,29 @@ def test_the_default_study_runs_in_full(tmp_path):
                 for b in (16, 1024)}
     assert by_batch[1024] > by_batch[16]
     assert write_report(res.path).is_file()
+
+
+def test_two_processes_with_jax_distributed_share_the_groups(tiny_run, tmp_path):
+    # Two processes on localhost (jax.distributed over CPU): each trains every second
+    # group into the same run directory; together they equal the one-process run.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dist"
+    code = ("import sys, jax; jax.distributed.initialize(coordinator_address="
+            f"'127.0.0.1:{port}', num_processes=2, process_id=int(sys.argv[1])); "
+            "import experiments; "
+            f"experiments.run({TINY!r}, out={str(out)!r}); print(jax.process_index())")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    with sqlite3.connect(out / "results.sqlite") as c:
+        assert c.execute("SELECT count(*) FROM groups").fetchone()[0] == 2
+    _same(experiments.Results(out).records(), tiny_run.records())
