@@ -11,14 +11,12 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from experiments import config as cfglib  # noqa: E402
-from experiments.sweep import Results  # noqa: E402
+from experiments import config as cfglib
+from experiments.sweep import Results
 
 GAP = "accuracy_gap"
 CURVATURE = ("lambda_max", "trace", "worst_case", "adaptive", "random", "keskar",
@@ -68,7 +66,8 @@ def _axes(cfg: dict, records: list[dict]) -> list[str]:
 
 def _scatter(records, measures, path: Path) -> None:
     n = len(measures)
-    fig, axs = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * n, 3.6))
+    axs = fig.subplots(1, n, squeeze=False)
     batch = np.array([r.get("batch_size", 0) for r in records], float)
     norm = matplotlib.colors.LogNorm(vmin=max(batch.min(), 1), vmax=max(batch.max(), 2))
     for ax, m in zip(axs[0], measures):
@@ -83,7 +82,6 @@ def _scatter(records, measures, path: Path) -> None:
     axs[0][0].set_ylabel(LABELS[GAP])
     fig.colorbar(sc, ax=axs[0].tolist(), label="batch size")
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _heatmaps(records, path: Path) -> bool:
@@ -93,7 +91,8 @@ def _heatmaps(records, path: Path) -> bool:
     lrs = sorted({r["learning_rate"] for r in records})
     panels = [("test_accuracy", "test accuracy")] + (
         [("lambda_max", "λ_max")] if "lambda_max" in records[0] else [])
-    fig, axs = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    fig = Figure(figsize=(5.4 * len(panels), 3.8))
+    axs = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"wspace": 0.35})
     for ax, (key, title) in zip(axs[0], panels):
         grid = np.full((len(bss), len(lrs)), np.nan)
         for i, b in enumerate(bss):
@@ -114,16 +113,16 @@ def _heatmaps(records, path: Path) -> bool:
         ax.set_title(f"{title} (mean over seeds)")
         fig.colorbar(im, ax=ax)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return True
 
 
 def _curves(results: Results, records, path: Path) -> None:
     curves = results.curves("train_loss")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     batch = [r.get("batch_size", 0) for r in records]
     norm = matplotlib.colors.LogNorm(vmin=max(min(batch), 1), vmax=max(max(batch), 2))
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     for r in records:
         pts = curves.get(r["member"], [])
         if pts:
@@ -136,7 +135,6 @@ def _curves(results: Results, records, path: Path) -> None:
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
                  label="batch size")
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _fmt(v) -> str:
