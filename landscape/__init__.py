@@ -4,6 +4,7 @@ Every function works on any pure `loss_fn(params, batch) -> scalar` (the mean lo
 or `apply_fn(params, inputs) -> outputs` and any parameter pytree.
 """
 
+from landscape.blocks import path_name, restrict
 from landscape.chunking import chunk_mean
 from landscape.losses import accuracy, cross_entropy, mse
 from landscape.operators import (
@@ -18,6 +19,7 @@ from landscape.spectrum import Density, Eigen, density, eigenvalues, lanczos
 from landscape.trace import DiagonalEstimate, TraceEstimate, diagonal, trace
 
 __all__ = [
+    "path_name", "restrict",
     "CurvatureOperator", "Density", "DiagonalEstimate", "Eigen", "LinearOperator",
     "TraceEstimate", "accuracy", "chunk_mean", "cross_entropy", "density", "diagonal",
     "eigenvalues", "fisher", "ggn", "hessian", "lanczos", "mse", "per_example_grads",
