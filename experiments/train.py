@@ -58,8 +58,9 @@ def loss_function(apply_fn, loss: str):
 
     def loss_fn(params, batch):
         inputs, targets = batch
-        if loss == "mse":  # regression on one-hot targets
-            targets = jax.nn.one_hot(targets, apply_fn(params, inputs[:1]).shape[-1])
+        if loss == "mse":  # regression on one-hot targets; only the output width is needed
+            width = jax.eval_shape(apply_fn, params, inputs[:1]).shape[-1]
+            targets = jax.nn.one_hot(targets, width)
         return fn(apply_fn(params, inputs), targets)
 
     return loss_fn

@@ -16,12 +16,17 @@ import jax.numpy as jnp
 from landscape.operators import LinearOperator
 
 
+def key_name(key) -> str:
+    """The name of one entry of a pytree key path: a dict key, index or attribute."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
 def path_name(path) -> str:
     """`"layers/0/kernel"` for a pytree key path."""
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
-    return "/".join(parts)
+    return "/".join(key_name(k) for k in path)
 
 
 def restrict(op, select: Callable[[str, Any], bool]) -> LinearOperator:

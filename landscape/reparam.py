@@ -15,12 +15,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-
-def _path(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+from landscape.blocks import key_name
 
 
 def _as_paths(spec: str | Sequence[str], name: str) -> list[tuple[str, ...]]:
@@ -58,7 +53,7 @@ def rescale_relu(params: Any, alpha: float, *, incoming: str | Sequence[str],
     into = _as_paths(incoming, "incoming")
     out = _as_paths(outgoing, "outgoing")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [tuple(_path(k) for k in path) for path, _ in leaves]
+    paths = [tuple(key_name(k) for k in path) for path, _ in leaves]
 
     def hits(prefixes):
         found = [any(p[:len(q)] == q for p in paths) for q in prefixes]

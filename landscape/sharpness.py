@@ -127,10 +127,6 @@ def _mean_loss(loss_fn, params, batch, chunk_size):
     return chunk_mean(lambda b, i: loss_fn(params, b), batch, chunk_size)
 
 
-def _norm(tree) -> jax.Array:
-    return optax.tree.norm(tree)
-
-
 def _noise_scale(params: Any, scale: str, eta: jax.Array) -> Any:
     """Per-element standard deviation factor c so that ε = ρ · c ⊙ z, z ~ N(0, I)."""
     if scale == "none":
@@ -268,14 +264,14 @@ def _l2_ascent(loss_fn, params, batch, c, key, rho, step, num_steps, chunk_size)
     iterate unchanged.
     """
     def project(u):
-        return optax.tree.scale(jnp.minimum(1.0, rho / jnp.maximum(_norm(u), 1e-300)), u)
+        return optax.tree.scale(jnp.minimum(1.0, rho / jnp.maximum(optax.tree.norm(u), 1e-300)), u)
 
     def step_fn(u, g):
-        gn = _norm(g)
+        gn = optax.tree.norm(g)
         return project(optax.tree.add_scale(u, step / jnp.where(gn > 0, gn, 1.0), g))
 
     z = optax.tree.random_like(key, params)
-    u0 = optax.tree.scale(rho / _norm(z), z)
+    u0 = optax.tree.scale(rho / optax.tree.norm(z), z)
     best_val, best_u = _best_ascent(loss_fn, params, batch, c, u0, step_fn, num_steps,
                                     chunk_size)
     return best_val, optax.tree.mul(c, best_u)
