@@ -30,6 +30,7 @@ ALWAYS_VMAPPED = ("optimizer.learning_rate", "train.seed")
 DEFAULTS: dict[str, Any] = {
     "name": "study",
     "description": "",
+    "study": "sweep",
     "data": {"name": "mnist1d", "num_train": 4000, "num_test": 1000, "seed": 0},
     "model": {"name": "mlp", "hidden": [100, 100], "activation": "relu",
               "channels": [16, 32, 32], "kernel_size": 5, "width": 16, "depth": 4,
@@ -135,7 +136,7 @@ def load(name_or_path: str | None = None, overrides: list[str] = ()) -> dict:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
-    cfg = _merge(DEFAULTS, raw)
+    cfg = _merge(defaults(raw.get("study", "sweep")), raw)
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("sweep."):  # sweep keys are dotted paths themselves
@@ -144,6 +145,17 @@ def load(name_or_path: str | None = None, overrides: list[str] = ()) -> dict:
             set_path(cfg, SHORTHANDS.get(key, key), value)
     validate(cfg)
     return cfg
+
+
+def defaults(study: str) -> dict:
+    """The defaults a config of `study` is merged over: the sweep tables, or a custom
+    study's own tables (see `experiments.studies`)."""
+    from experiments import studies
+
+    module = studies.get(study)
+    if module is None or module.SWEEP:
+        return DEFAULTS
+    return {"name": module.NAME, "description": "", "study": study, **module.DEFAULTS}
 
 
 def _check(cond: bool, message: str) -> None:
@@ -157,6 +169,12 @@ def _is_number(x: Any) -> bool:
 
 def validate(cfg: dict) -> None:
     """Check types and ranges of a resolved config (grid values included)."""
+    from experiments import studies
+
+    module = studies.get(cfg.get("study", "sweep"))
+    if module is not None and not module.SWEEP:
+        module.validate(cfg)
+        return
     _check(cfg["data"]["name"] in ("mnist1d", "teacher_student"),
            f"data.name must be 'mnist1d' or 'teacher_student', got {cfg['data']['name']!r}")
     model = cfg["model"]

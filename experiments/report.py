@@ -145,7 +145,17 @@ def _fmt(v) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write `report.md` and PNG figures into `run_dir`; return the report's path."""
+    from experiments import studies
+
     path = Path(run_dir)
+    if (path / "config.json").is_file():
+        cfg = Results(path).config
+        module = studies.get(cfg.get("study", studies.SWEEP))
+        if module is not None and not module.SWEEP:
+            lines = [f"# {cfg['name']}", "", cfg.get("description", ""), ""]
+            out = path / "report.md"
+            out.write_text("\n".join(lines + module.report(path)) + "\n")
+            return out
     if not (path / "results.sqlite").is_file():
         raise cfglib.ConfigError(f"{path} is not a run directory (no results.sqlite)")
     results = Results(path)
@@ -179,6 +189,9 @@ def write_report(run_dir: str | Path) -> Path:
                                         "test_accuracy", GAP] + measures
     lines += ["## Members", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in records]
+    module = studies.get(cfg.get("study", studies.SWEEP))
+    if module is not None:
+        lines += [""] + module.report(path)
     out = path / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -57,6 +57,12 @@ class Results:
         with Store(self.path / "results.sqlite") as store:
             return store.curves(name)
 
+    def summary(self) -> dict:
+        """A custom study's results (`results.json`, see `experiments.studies`)."""
+        from experiments.studies import load_json
+
+        return load_json(self.path / "results.json", {})
+
     def to_dataframe(self):
         """The records as a pandas DataFrame (needs pandas, which Basin does not require)."""
         import pandas as pd
@@ -202,6 +208,11 @@ def run(config: dict | str | None = None, *, overrides: list[str] = (),
         path = Path(out) if out is not None else Path("runs") / f"{cfg['name']}-{stamp}"
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    from experiments import studies
+
+    if studies.is_custom(cfg):
+        studies.get(cfg["study"]).run(cfg, path, log)
+        return Results(path)
     train, test, num_classes = _load_data(cfg)
     groups = cfglib.groups(cfg)
     mine = list(groups.items())[jax.process_index()::jax.process_count()]

@@ -6,6 +6,8 @@ or `apply_fn(params, inputs) -> outputs` and any parameter pytree.
 
 from landscape.blocks import path_name, restrict
 from landscape.chunking import chunk_mean
+from landscape.index import HessianIndex, hessian_index
+from landscape.layers import LayerGradNorms, layer_grad_norms, layer_norms
 from landscape.losses import accuracy, cross_entropy, mse
 from landscape.operators import (
     CurvatureOperator,
@@ -20,6 +22,7 @@ from landscape.trace import DiagonalEstimate, TraceEstimate, diagonal, trace
 
 __all__ = [
     "path_name", "restrict",
+    "HessianIndex", "LayerGradNorms", "hessian_index", "layer_grad_norms", "layer_norms",
     "CurvatureOperator", "Density", "DiagonalEstimate", "Eigen", "LinearOperator",
     "TraceEstimate", "accuracy", "chunk_mean", "cross_entropy", "density", "diagonal",
     "eigenvalues", "fisher", "ggn", "hessian", "lanczos", "mse", "per_example_grads",

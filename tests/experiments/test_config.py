@@ -95,3 +95,12 @@ def test_only_optimizers_that_accept_traced_values_get_vmapped_hyperparameters()
     sh = cfglib.load(TINY, ['optimizer.name="shampoo"', "sweep.optimizer.b2=[0.99, 0.999]"])
     assert "optimizer.b2" not in cfglib.vmapped_paths(sh)
     assert len(cfglib.groups(sh)) == 2 * 2
+
+
+def test_unknown_study_is_a_config_error(tmp_path):
+    from experiments import config as cfglib
+
+    path = tmp_path / "x.toml"
+    path.write_text('name = "x"\nstudy = "no_such_study"\n')
+    with pytest.raises(cfglib.ConfigError, match="study must be one of sweep"):
+        cfglib.load(str(path))
