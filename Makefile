@@ -22,7 +22,7 @@ curvature-demo: $(VENV)/.installed
 	$(BIN)/python -m experiments.curvature_demo --out runs/curvature_demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
