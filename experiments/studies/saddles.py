@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
+import jax.flatten_util
 
 import landscape as ls
 from experiments.studies import _pieces as P
@@ -42,7 +42,8 @@ DEFAULTS = {
     "perturbations": 1,        # extra starts per checkpoint ...
     "perturb_scale": 0.5,      # ... θ + scale · rms(θ) · N(0, I)
     "seed": 0,
-    "finder": {"method": "gauss_newton", "steps": 150, "cg_steps": 50, "tol": 1e-3,
+    # converged: ‖∇L‖ <= tol_relative × ‖∇L‖ at the initialization (3.09 by default)
+    "finder": {"method": "gauss_newton", "steps": 150, "cg_steps": 50, "tol_relative": 1e-3,
                "damping": 1e-3, "index_rtol": 1e-3},
 }
 
@@ -61,7 +62,7 @@ def validate(cfg: dict) -> None:
             f"finder.method must be one of {', '.join(ls.critical.METHODS)}, "
             f"got {f['method']!r}")
     P.positive_int(f, "steps", "cg_steps")
-    P.positive_number(f, "tol", "damping", "index_rtol")
+    P.positive_number(f, "tol_relative", "damping", "index_rtol")
 
 
 def data(cfg: dict):
@@ -121,7 +122,7 @@ def starts(cfg: dict, loss_fn, batch):
         where.append({"step": s, "perturbed": False})
     key = jax.random.key(cfg["seed"] + 1)
     for i, base in enumerate(list(points)):
-        flat, unravel = ravel_pytree(base)
+        flat, unravel = jax.flatten_util.ravel_pytree(base)
         rms = jnp.sqrt(jnp.mean(flat ** 2))
         for j in range(cfg["perturbations"]):
             k = jax.random.fold_in(key, i * 1000 + j)
@@ -131,27 +132,37 @@ def starts(cfg: dict, loss_fn, batch):
     return points, where
 
 
-def find(cfg: dict, loss_fn, point, batch) -> dict:
+def tolerance(cfg: dict, loss_fn, batch) -> float:
+    """The absolute gradient-norm tolerance: `tol_relative` × ‖∇L‖ at initialization."""
+    p0 = init(jax.random.key(cfg["seed"]), [batch[0].shape[1], cfg["hidden"], 10])
+    g0 = jax.flatten_util.ravel_pytree(jax.grad(loss_fn)(p0, batch))[0]
+    return float(cfg["finder"]["tol_relative"] * jnp.linalg.norm(g0))
+
+
+def find(cfg: dict, loss_fn, point, batch, tol: float) -> dict:
     f = cfg["finder"]
     stacked = jax.tree.map(lambda x: x[None], point)
-    cp = ls.critical_points(loss_fn, stacked, batch, steps=f["steps"], tol=f["tol"],
+    cp = ls.critical_points(loss_fn, stacked, batch, steps=f["steps"], tol=tol,
                             method=f["method"], cg_steps=f["cg_steps"],
                             damping=f["damping"], index="dense", index_rtol=f["index_rtol"])
     cp = jax.device_get(jax.tree.map(lambda x: x[0], cp))
     return {"loss": float(cp.loss), "grad_norm": float(cp.grad_norm),
             "converged": bool(cp.converged), "steps": int(cp.steps),
             "index": float(cp.index.negative), "near_zero": float(cp.index.near_zero),
-            "start_loss": float(loss_fn(point, batch))}
+            "start_loss": float(loss_fn(point, batch)), "tol": tol,
+            "start_grad_norm": float(jnp.linalg.norm(
+                jax.flatten_util.ravel_pytree(jax.grad(loss_fn)(point, batch))[0]))}
 
 
 def run(cfg: dict, run_dir: Path, log) -> None:
     batch = data(cfg)
     loss_fn = make_loss(cfg["weight_decay"])
     points, where = starts(cfg, loss_fn, batch)
-    log(f"{len(points)} starts; finding critical points")
+    tol = tolerance(cfg, loss_fn, batch)
+    log(f"{len(points)} starts; finding critical points (‖∇L‖ <= {tol:.3g})")
     for i, (point, w) in enumerate(zip(points, where)):
         out = P.piece(run_dir, f"start/{i}", lambda: {**w, **find(cfg, loss_fn, point,
-                                                                   batch)}, log)
+                                                                   batch, tol)}, log)
         log(f"start {i} (step {w['step']}{', perturbed' if w['perturbed'] else ''}): "
             f"loss {out['loss']:.4f}, |g| {out['grad_norm']:.2e}"
             f"{'' if out['converged'] else ' (not converged)'}, index {out['index']:.4f}")
@@ -185,8 +196,8 @@ def report(run_dir: Path) -> list[str]:
     conv = [p for p in pts if p["converged"]]
     fig = Figure(figsize=(5.6, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for group, style in ((conv, dict(c="tab:blue", label=f"critical (|g| ≤ "
-                                                        f"{cfg['finder']['tol']:g})")),
+    tol = pts[0]["tol"] if pts else float("nan")
+    for group, style in ((conv, dict(c="tab:blue", label=f"critical (|g| ≤ {tol:.2g})")),
                          ([p for p in pts if not p["converged"]],
                           dict(facecolors="none", edgecolors="tab:gray",
                                label="not converged"))):
@@ -205,15 +216,17 @@ def report(run_dir: Path) -> list[str]:
              f"{len(pts)} starts ({cfg['checkpoints']} points along a gradient-descent "
              f"trajectory, {cfg['perturbations']} perturbation(s) each); finder "
              f"{f['method']}, at most {f['steps']} steps of {f['cg_steps']} CG iterations; "
-             f"**{len(conv)} of {len(pts)} converged** (‖∇L‖ ≤ {f['tol']:g}).", "",
+             f"**{len(conv)} of {len(pts)} converged** (‖∇L‖ ≤ {tol:.3g}, which is "
+             f"{f['tol_relative']:g} × ‖∇L‖ at the initialization; the search stops "
+             "there).", "",
              "| points | n | Kendall τ (index, loss) | Spearman ρ |", "|---|---|---|---|",
              f"| converged | {rc['n']} | {rc['kendall']:.3f} | {rc['spearman']:.3f} |",
              f"| all | {ra['n']} | {ra['kendall']:.3f} | {ra['spearman']:.3f} |", "",
-             "| start | from step | loss | ‖∇L‖ | converged | index | near zero |",
-             "|---|---|---|---|---|---|---|"]
+             "| start | from step | start loss | start ‖∇L‖ | loss | ‖∇L‖ | converged | index "
+             "| near zero |", "|---|---|---|---|---|---|---|---|---|"]
     for i, p in enumerate(pts):
         lines.append(f"| {i} | {p['step']}{' (perturbed)' if p['perturbed'] else ''} | "
-                     f"{p['loss']:.4f} | {p['grad_norm']:.2e} | "
+                     f"{p['start_loss']:.4f} | {p['start_grad_norm']:.3g} | {p['loss']:.4f} | {p['grad_norm']:.2e} | "
                      f"{'yes' if p['converged'] else 'no'} | {p['index']:.4f} | "
                      f"{p['near_zero']:.4f} |")
     lines += ["", "![index against loss](saddles.png)", ""]
