@@ -31,7 +31,7 @@ def main() -> None:
     runs = {"gauss_newton (40 steps x 30 CG)": dict(method="gauss_newton", steps=40,
                                                      cg_steps=30),
             "adam on ½‖g‖² (lr 1e-3)": dict(method="adam", steps=HVPS, learning_rate=1e-3),
-            "gd on ½‖g‖² (lr 0.5)": dict(method="gd", steps=HVPS, learning_rate=0.5)}
+            "gd on ½‖g‖² (lr 0.05)": dict(method="gd", steps=HVPS, learning_rate=0.05)}
     rows = []
     for name, kw in runs.items():
         fn = lambda: ls.critical_points(loss_fn, stacked, batch, tol=1e-12, index="none",

@@ -21,6 +21,7 @@ across layers even while the error signal vanishes (Glorot & Bengio 2010 saw the
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -109,23 +110,32 @@ def alpha_of(cfg: dict) -> float:
     return cfg["branch_scale"] or 1.0 / math.sqrt(cfg["depth"] - 2)
 
 
+@functools.lru_cache(maxsize=32)
+def _norms_program(activation: str, skip: bool, alpha: float):
+    """One compiled program per network shape, shared by every gain."""
+    def loss(p, b, offsets=None):
+        return ls.cross_entropy(apply(p, b[0], activation, skip, alpha, offsets), b[1])
+
+    @jax.jit
+    def norms(params, batch):
+        offsets = [jnp.zeros((batch[0].shape[0], p["bias"].shape[0])) for p in params]
+        return (ls.layer_grad_norms(lambda o, b: loss(params, b, o), offsets, batch),
+                ls.layer_grad_norms(loss, params, batch), loss(params, batch))
+
+    return norms
+
+
 def measure(cfg: dict, activation: str, gain: float, skip: bool, batch) -> dict:
     """Per-layer norms of the error signal and of the parameter gradients."""
     x, _ = batch
     sizes = [x.shape[1]] + [cfg["width"]] * (cfg["depth"] - 1) + [10]
     params = init(jax.random.key(cfg["seed"]), sizes, activation, gain)
-    alpha = alpha_of(cfg)
-
-    def loss(p, b, offsets=None):
-        return ls.cross_entropy(apply(p, b[0], activation, skip, alpha, offsets), b[1])
-
-    offsets = [jnp.zeros((x.shape[0], s)) for s in sizes[1:]]
-    errors = ls.layer_grad_norms(lambda o, b: loss(params, b, o), offsets, batch)
-    grads = ls.layer_grad_norms(loss, params, batch)
+    program = _norms_program(activation, skip, alpha_of(cfg))
+    errors, grads, value = jax.device_get(program(params, batch))
     as_list = lambda d: [float(v) for v in d.values()]
     return {"error": as_list(errors.norms), "error_ratio": float(errors.ratio),
             "param": as_list(grads.norms), "param_ratio": float(grads.ratio),
-            "loss": float(loss(params, batch))}
+            "loss": float(value)}
 
 
 def key_of(activation: str, gain: float, skip: bool) -> str:
