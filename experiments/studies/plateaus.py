@@ -45,6 +45,9 @@ DEFAULTS = {
     "steps": 6000,
     "record_every": 5,
     "seed": 0,
+    # also train from a random Gaussian initialization whose layers have singular values
+    # of order ε₀^{1/N} (no prediction: the modes start coupled and unequal)
+    "random_init": True,
 }
 
 
@@ -63,6 +66,7 @@ def validate(cfg: dict) -> None:
     P.check(cfg["num_examples"] >= cfg["dim"], "num_examples must be at least dim "
                                                "(whitened inputs)")
     P.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
+    P.check(isinstance(cfg["random_init"], bool), "random_init must be true or false")
 
 
 def _orthogonal(rng, n):
@@ -93,6 +97,13 @@ def decoupled_init(cfg: dict, depth: int, u, v, rng):
     return [a * rots[k] @ rots[k + 1].T for k in range(depth)]
 
 
+def random_init(cfg: dict, depth: int, rng):
+    """Gaussian layers with entries N(0, ε₀^{2/N} / d): singular values of order ε₀^{1/N}."""
+    d = cfg["dim"]
+    a = cfg["init_strength"] ** (1.0 / depth)
+    return [a * rng.normal(size=(d, d)) / math.sqrt(d) for _ in range(depth)]
+
+
 def product(layers):
     m = layers[0]
     for a in layers[1:]:
@@ -105,12 +116,14 @@ def loss_fn(layers, batch):
     return ls.mse(x @ product(layers), y)
 
 
-def train(cfg: dict, depth: int) -> dict:
+def train(cfg: dict, depth: int, init: str = "decoupled") -> dict:
     """Full-batch gradient descent; every `record_every` steps the loss and each teacher
     mode's strength u_α = u_αᵀ (A_1⋯A_N)ᵀ v_α."""
     x, y, u, v, s = problem(cfg)
     rng = np.random.default_rng(cfg["seed"] + depth)
-    layers = [jnp.asarray(a, jnp.float32) for a in decoupled_init(cfg, depth, u, v, rng)]
+    start = (decoupled_init(cfg, depth, u, v, rng) if init == "decoupled"
+             else random_init(cfg, depth, rng))
+    layers = [jnp.asarray(a, jnp.float32) for a in start]
     batch = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
     k = len(cfg["singular_values"])
     uu, vv = jnp.asarray(u[:, :k], jnp.float32), jnp.asarray(v[:, :k], jnp.float32)
@@ -174,6 +187,10 @@ def run(cfg: dict, run_dir: Path, log) -> None:
                 for s in cfg["singular_values"]]
         log(f"depth {depth}: stage times {out['stage_times']} (predicted "
             f"{[round(p, 1) for p in pred]})")
+        if cfg["random_init"]:
+            out = P.piece(run_dir, f"random/{depth}", lambda: train(cfg, depth, "random"),
+                          log)
+            log(f"depth {depth}, random init: stage times {out['stage_times']}")
 
 
 def report(run_dir: Path) -> list[str]:
@@ -194,6 +211,9 @@ def report(run_dir: Path) -> list[str]:
             continue
         c = colors[i % len(colors)]
         ax.plot(r["steps"], r["loss"], color=c, lw=1.4, label=f"depth {depth}")
+        rr = res.get(f"random/{depth}")
+        if rr is not None:
+            ax.plot(rr["steps"], rr["loss"], color=c, lw=0.8, ls="--", alpha=0.7)
         for s, t in zip(sv, r["stage_times"]):
             p = predicted_stage_time(s, eps, depth, lr)
             if p <= r["steps"][-1]:
@@ -206,7 +226,8 @@ def report(run_dir: Path) -> list[str]:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(f"Deep linear nets, ε₀ = {eps:g}, s = {', '.join(f'{x:g}' for x in sv)}")
-    ax.legend(fontsize=8, title="dotted: predicted stage times", title_fontsize=7)
+    ax.legend(fontsize=8, title="dotted: predicted stage times\ndashed: random init",
+              title_fontsize=7)
     lim = [min(p for _, _, p, _ in rows) * 0.8, max(p for _, _, p, _ in rows) * 1.25]
     ax2.plot(lim, lim, "k--", lw=0.8)
     ax2.set_xscale("log")
@@ -221,10 +242,13 @@ def report(run_dir: Path) -> list[str]:
              f"{sv}, decoupled initialization of strength ε₀ = {eps:g}, full-batch GD with "
              f"η = {lr:g} (τ = {1 / lr:g} steps). Stage time: the first step at which a "
              "mode's strength reaches half its singular value.", "",
-             "| depth | s | predicted | measured | measured / predicted |",
-             "|---|---|---|---|---|"]
+             "| depth | s | predicted | measured | measured / predicted | random init |",
+             "|---|---|---|---|---|---|"]
     for depth, s, p, t in rows:
+        rr = res.get(f"random/{depth}")
+        tr = rr["stage_times"][sv.index(s)] if rr is not None else None
         lines.append(f"| {depth} | {s:g} | {p:.1f} | " + (
-            f"{t:.1f} | {t / p:.3f} |" if t is not None else "not reached | — |"))
+            f"{t:.1f} | {t / p:.3f} |" if t is not None else "not reached | — |") +
+            (f" {tr:.1f} |" if tr is not None else " — |"))
     lines += ["", "![plateaus](plateaus.png)", ""]
     return lines
