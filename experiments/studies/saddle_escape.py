@@ -174,6 +174,7 @@ def report(run_dir: Path) -> list[str]:
     ax = fig.add_subplot()
     zero_x = min(pos) / 30  # where the start on the manifold is drawn
     top = max((m for r in res.values() for m in r["median"] if m is not None), default=1)
+    never = 0
     for method in cfg["methods"]:
         r = res.get(method)
         if r is None:
@@ -189,8 +190,10 @@ def report(run_dir: Path) -> list[str]:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
         for x, m in zip(xs, r["median"]):
             if m is None:
-                ax.plot([x], [1.08 * top], marker="^", color=line.get_color(), ms=7)
-                ax.annotate("never", (x, 1.08 * top), textcoords="offset points",
+                y = top * (1.08 + 0.06 * never)
+                never += 1
+                ax.plot([x], [y], marker="^", color=line.get_color(), ms=7)
+                ax.annotate(f"{LABELS[method]}: never", (x, y), textcoords="offset points",
                             xytext=(6, -3), fontsize=7)
     grid = np.geomspace(min(pos), max(pos), 50)
     ax.plot(grid, [gd_steps_predicted(d, cfg) for d in grid], "k--", lw=1,
