@@ -56,3 +56,7 @@ __all__ += [
     "gradient_snr", "interpolate", "minibatch_variance", "pca_directions",
     "random_direction", "rescale_relu", "sharpness", "surface_1d", "surface_2d",
 ]
+
+from landscape.critical import CriticalPoint, critical_points, find_critical_point
+
+__all__ += ["CriticalPoint", "critical_points", "find_critical_point"]

@@ -1,0 +1,233 @@
+"""Escaping a strict saddle: gradient descent needs log(1/distance) steps, noise does not.
+
+f(u, v) = ½ a ‖u‖² − ½ μ v² + q v⁴ (u ∈ R^{d−1}) has a strict saddle at 0 whose stable
+manifold is v = 0. Started a distance δ from it (v₀ = δ), gradient descent multiplies the
+unstable coordinate by (1 + ημ) per step while v is small, so it needs about
+ln(r/δ) / ln(1 + ημ) steps to leave a ball of radius r, which grows without bound as
+δ → 0 and is infinite on the manifold itself. Heavy-ball momentum grows it by the larger
+root z₊ of z² − (1 + β + ημ) z + β = 0 per step (faster, same logarithm). Gradient noise
+(SGD-like, N(0, σ²) per coordinate) and perturbed gradient descent (Jin et al. 2017, "How
+to escape saddle points efficiently": a uniform kick of radius r_p when ‖∇f‖ is small and
+no kick was given for t_thres steps) put the iterate off the manifold by themselves, so
+their escape time stops growing once δ is below the noise.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments.studies import _pieces as P
+
+NAME = "saddle_escape"
+SWEEP = False
+METHODS = ("gd", "momentum", "noisy_gd", "perturbed_gd")
+LABELS = {"gd": "GD", "momentum": "GD + momentum", "noisy_gd": "GD + gradient noise (SGD-like)",
+          "perturbed_gd": "perturbed GD (Jin et al. 2017)"}
+
+DEFAULTS = {
+    "dim": 10,                 # d: d − 1 stable coordinates and one unstable
+    "stable_curvature": 1.0,   # a
+    "unstable_curvature": 1.0,  # μ (the Hessian's negative eigenvalue is −μ)
+    "quartic": 0.25,           # q: the minima sit at v = ±√(μ / 4q)
+    "stable_offset": 0.1,      # ‖u₀‖ (spread evenly over the stable coordinates)
+    "radius": 0.5,             # escaped: ‖θ‖ >= radius
+    "distances": [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10, 1e-12],
+    "include_zero": True,      # also start on the stable manifold (v₀ = 0)
+    "max_steps": 3000,
+    "seeds": 20,
+    "methods": list(METHODS),
+    "learning_rate": 0.1,
+    "momentum": 0.9,
+    "noise": 1e-3,             # σ of the gradient noise
+    "perturb_radius": 1e-3,    # r_p of perturbed GD
+    "perturb_gradient": 1e-3,  # kick when ‖∇f‖ <= this ...
+    "perturb_interval": 20,    # ... and no kick in this many steps
+}
+
+
+def validate(cfg: dict) -> None:
+    P.positive_int(cfg, "dim", "max_steps", "seeds", "perturb_interval")
+    P.check(cfg["dim"] >= 2, "dim must be at least 2")
+    P.positive_number(cfg, "stable_curvature", "unstable_curvature", "radius",
+                      "learning_rate", "noise", "perturb_radius", "perturb_gradient")
+    for key in ("quartic", "stable_offset", "momentum"):
+        P.check(P.number(cfg[key]) and cfg[key] >= 0, f"{key} must be a number >= 0, "
+                                                       f"got {cfg[key]!r}")
+    P.check(cfg["momentum"] < 1, "momentum must be below 1")
+    P.check(cfg["stable_offset"] < cfg["radius"], "stable_offset must be below radius")
+    d = cfg["distances"]
+    P.check(isinstance(d, list) and d and all(P.number(x) and 0 < x < cfg["radius"]
+                                              for x in d),
+            f"distances must be a non-empty list of numbers in (0, radius), got {d!r}")
+    P.check(isinstance(cfg["include_zero"], bool), "include_zero must be true or false")
+    m = cfg["methods"]
+    P.check(isinstance(m, list) and m and all(x in METHODS for x in m),
+            f"methods must be a non-empty list drawn from {', '.join(METHODS)}, got {m!r}")
+
+
+def loss(theta, cfg: dict):
+    u, v = theta[:-1], theta[-1]
+    return (0.5 * cfg["stable_curvature"] * jnp.sum(u ** 2)
+            - 0.5 * cfg["unstable_curvature"] * v ** 2 + cfg["quartic"] * v ** 4)
+
+
+def gd_steps_predicted(distance, cfg: dict) -> float:
+    """Steps for v to grow from `distance` to `radius` under the quadratic part alone."""
+    rate = 1.0 + cfg["learning_rate"] * cfg["unstable_curvature"]
+    return math.log(cfg["radius"] / distance) / math.log(rate)
+
+
+def momentum_rate(cfg: dict) -> float:
+    """Per-step growth of the unstable coordinate under heavy-ball momentum."""
+    b, e = cfg["momentum"], cfg["learning_rate"] * cfg["unstable_curvature"]
+    s = 1.0 + b + e
+    return (s + math.sqrt(s * s - 4 * b)) / 2
+
+
+def _uniform_ball(key, dim, radius, dtype):
+    k1, k2 = jax.random.split(key)
+    x = jax.random.normal(k1, (dim,), dtype)
+    r = radius * jax.random.uniform(k2, (), dtype) ** (1.0 / dim)
+    return r * x / jnp.linalg.norm(x)
+
+
+def escape_steps(cfg: dict, method: str, distances, keys) -> np.ndarray:
+    """Steps to leave the ball, shape (len(distances), len(keys)); −1: not escaped within
+    `max_steps`."""
+    d, lr = cfg["dim"], cfg["learning_rate"]
+    grad = jax.grad(lambda th: loss(th, cfg))
+    opt = optax.sgd(lr, momentum=cfg["momentum"] if method == "momentum" else None)
+    u0 = jnp.full((d - 1,), cfg["stable_offset"] / math.sqrt(d - 1))
+
+    def one(distance, key):
+        theta = jnp.concatenate([u0, distance[None]])
+
+        def step(carry, t):
+            theta, state, escaped, last_kick, key = carry
+            key, k_noise, k_kick = jax.random.split(key, 3)
+            g = grad(theta)
+            if method == "noisy_gd":
+                g = g + cfg["noise"] * jax.random.normal(k_noise, g.shape, g.dtype)
+            if method == "perturbed_gd":
+                kick = ((jnp.linalg.norm(g) <= cfg["perturb_gradient"])
+                        & (t - last_kick > cfg["perturb_interval"]))
+                theta = theta + jnp.where(kick, 1.0, 0.0) * _uniform_ball(
+                    k_kick, d, cfg["perturb_radius"], theta.dtype)
+                last_kick = jnp.where(kick, t, last_kick)
+                g = grad(theta)
+            updates, state = opt.update(g, state, theta)
+            theta = optax.apply_updates(theta, updates)
+            out = (jnp.linalg.norm(theta) >= cfg["radius"]) & (escaped < 0)
+            escaped = jnp.where(out, t + 1, escaped)
+            return (theta, state, escaped, last_kick, key), None
+
+        init = (theta, opt.init(theta), jnp.asarray(-1), jnp.asarray(-10 ** 9), key)
+        (_, _, escaped, _, _), _ = jax.lax.scan(step, init, jnp.arange(cfg["max_steps"]))
+        return escaped
+
+    fn = jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None)))
+    return np.asarray(fn(jnp.asarray(distances, jnp.float32), keys))
+
+
+def starts(cfg: dict) -> list[float]:
+    return list(cfg["distances"]) + ([0.0] if cfg["include_zero"] else [])
+
+
+def run_method(cfg: dict, method: str) -> dict:
+    deterministic = method in ("gd", "momentum")
+    seeds = 1 if deterministic else cfg["seeds"]
+    keys = jax.random.split(jax.random.key(0), seeds)
+    steps = escape_steps(cfg, method, starts(cfg), keys)
+    med = [float(np.median(row[row >= 0])) if (row >= 0).any() else None for row in steps]
+    return {"distances": starts(cfg), "steps": steps.tolist(), "median": med,
+            "escaped_fraction": [float(np.mean(row >= 0)) for row in steps]}
+
+
+def log_slope(distances, steps) -> float:
+    """Least-squares slope of steps against ln(1/distance) over the escaped starts."""
+    x = [math.log(1 / d) for d, s in zip(distances, steps) if d > 0 and s is not None]
+    y = [s for d, s in zip(distances, steps) if d > 0 and s is not None]
+    return float(np.polyfit(x, y, 1)[0]) if len(x) >= 2 else float("nan")
+
+
+def run(cfg: dict, run_dir: Path, log) -> None:
+    for method in cfg["methods"]:
+        out = P.piece(run_dir, method, lambda: run_method(cfg, method), log)
+        log(f"{method}: median steps {out['median']}")
+
+
+def report(run_dir: Path) -> list[str]:
+    from matplotlib.figure import Figure
+
+    from experiments import studies
+
+    cfg = studies.load_json(Path(run_dir) / "config.json")
+    res = P.results(run_dir)
+    pos = [x for x in cfg["distances"]]
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    zero_x = min(pos) / 30  # where the start on the manifold is drawn
+    top = max((m for r in res.values() for m in r["median"] if m is not None), default=1)
+    never = 0
+    for method in cfg["methods"]:
+        r = res.get(method)
+        if r is None:
+            continue
+        steps = np.asarray(r["steps"], float)
+        steps[steps < 0] = np.nan
+        xs = [d if d > 0 else zero_x for d in r["distances"]]
+        med = [m if m is not None else np.nan for m in r["median"]]
+        line, = ax.plot(xs, med, marker="o", ms=4, label=LABELS[method])
+        if steps.shape[1] > 1:
+            lo = np.nanpercentile(steps, 10, axis=1)
+            hi = np.nanpercentile(steps, 90, axis=1)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        for x, m in zip(xs, r["median"]):
+            if m is None:
+                y = top * (1.08 + 0.06 * never)
+                never += 1
+                ax.plot([x], [y], marker="^", color=line.get_color(), ms=7)
+                ax.annotate(f"{LABELS[method]}: never", (x, y), textcoords="offset points",
+                            xytext=(6, -3), fontsize=7)
+    grid = np.geomspace(min(pos), max(pos), 50)
+    ax.plot(grid, [gd_steps_predicted(d, cfg) for d in grid], "k--", lw=1,
+            label="ln(r/δ) / ln(1+ημ)")
+    ax.set_xscale("log")
+    ax.set_xlabel("distance δ from the stable manifold (leftmost: δ = 0)")
+    ax.set_ylabel(f"steps to leave the ball r = {cfg['radius']:g}")
+    ax.set_title(f"Escaping a strict saddle (d = {cfg['dim']}, η = {cfg['learning_rate']:g})")
+    ax.legend(fontsize=7)
+    fig.savefig(Path(run_dir) / "saddle_escape.png", dpi=90)
+
+    lines = ["## Escaping a strict saddle", "",
+             f"f = ½·{cfg['stable_curvature']:g}‖u‖² − ½·{cfg['unstable_curvature']:g}v² + "
+             f"{cfg['quartic']:g}v⁴ in {cfg['dim']} dimensions; η = {cfg['learning_rate']:g}; "
+             f"escape = leaving the ball of radius {cfg['radius']:g} (at most "
+             f"{cfg['max_steps']} steps, '—': not escaped); median over {cfg['seeds']} seeds "
+             "for the noisy methods.", "",
+             "| δ | " + " | ".join(LABELS[m] for m in cfg["methods"] if m in res)
+             + " | ln(r/δ)/ln(1+ημ) |", "|---|" + "---|" * (len(res) + 1)]
+    for i, d in enumerate(starts(cfg)):
+        cells = []
+        for m in cfg["methods"]:
+            if m not in res:
+                continue
+            med, frac = res[m]["median"][i], res[m]["escaped_fraction"][i]
+            cells.append("—" if med is None else f"{med:g}" +
+                         ("" if frac == 1 else f" ({frac:.0%} escaped)"))
+        pred = f"{gd_steps_predicted(d, cfg):.1f}" if d > 0 else "∞"
+        lines.append(f"| {d:g} | " + " | ".join(cells) + f" | {pred} |")
+    lines += ["", "Slope of steps against ln(1/δ) (GD's prediction: 1/ln(1+ημ) = "
+              f"{1 / math.log(1 + cfg['learning_rate'] * cfg['unstable_curvature']):.2f}; "
+              f"momentum's: 1/ln z₊ = {1 / math.log(momentum_rate(cfg)):.2f}):", ""]
+    for m in cfg["methods"]:
+        if m in res:
+            lines.append(f"- {LABELS[m]}: {log_slope(res[m]['distances'], res[m]['median']):.2f}")
+    lines += ["", "![escaping a saddle](saddle_escape.png)", ""]
+    return lines
