@@ -32,8 +32,8 @@ def compare(records: list[dict]) -> dict:
     for rho, members in S.by(S.finished(records), RHO).items():
         out[rho] = {"members": len(members)} | {
             key: S.mean_std(r[key] for r in members)
-            for key in ("train_accuracy", "test_accuracy", "lambda_max", "worst_case")
-            if key in members[0]}
+            for key in ("train_loss", "train_accuracy", "test_accuracy", "lambda_max",
+                        "worst_case") if key in members[0]}
     return out
 
 
@@ -53,6 +53,8 @@ def _figure(records: list[dict], path: Path) -> None:
             ax.hlines(np.nanmean(vals), i - 0.25, i + 0.25, color=f"C{i}", lw=2)
         ax.set_xticks(range(len(groups)), [_label(r) for r in groups], fontsize=8)
         ax.set_title(label, fontsize=10)
+        if key == "lambda_max":
+            ax.set_yscale("log")
     fig.suptitle("SAM on 500 MNIST-1D examples: each dot a seed, bars the means",
                  fontsize=10, y=1.02)
     fig.savefig(path, dpi=90, bbox_inches="tight")
@@ -65,9 +67,9 @@ def report(run_dir) -> list[str]:
     if not stats:
         return ["## SAM on small data", "", "Every member diverged: nothing to compare."]
     _figure(records, path / "sam_small_data.png")
-    cols = [k for k in ("train_accuracy", "test_accuracy", "lambda_max", "worst_case")
-            if k in next(iter(stats.values()))]
-    names = {"train_accuracy": "train accuracy", "test_accuracy": "test accuracy",
+    cols = [k for k in ("train_loss", "train_accuracy", "test_accuracy", "lambda_max",
+                        "worst_case") if k in next(iter(stats.values()))]
+    names = {"train_loss": "train loss", "train_accuracy": "train accuracy", "test_accuracy": "test accuracy",
              "lambda_max": "λ_max",
              "worst_case": f"worst-case sharpness (ρ = {cfg['measure']['rho']:g})"}
     rows = [[_label(rho).replace("\n", " "), str(row["members"])] +
