@@ -24,14 +24,21 @@ def test_sam_at_rho_zero_is_optax_momentum_sgd():
 
     sam = tx.make("sam", learning_rate=0.1, momentum=0.9, rho=0.0)
     ref = optax.sgd(0.1, momentum=0.9)
+
+    @jax.jit
+    def sam_step(p, s, batch, key):
+        return tx.train_step(sam, loss_fn, p, s, batch, key)[:2]
+
+    @jax.jit
+    def ref_step(p, s, batch):
+        u, s = ref.update(jax.grad(loss_fn)(p, batch), s, p)
+        return optax.apply_updates(p, u), s
+
     p_sam, s_sam, p_ref, s_ref = params, sam.init(params), params, ref.init(params)
     for t in range(5):
         batch = (x[6 * t: 6 * t + 8], y[6 * t: 6 * t + 8])
-        p_sam, s_sam, _ = tx.train_step(sam, loss_fn, p_sam, s_sam, batch,
-                                        jax.random.key(t))
-        g = jax.grad(loss_fn)(p_ref, batch)
-        u, s_ref = ref.update(g, s_ref, p_ref)
-        p_ref = optax.apply_updates(p_ref, u)
+        p_sam, s_sam = sam_step(p_sam, s_sam, batch, jax.random.key(t))
+        p_ref, s_ref = ref_step(p_ref, s_ref, batch)
     for a, b in zip(jax.tree.leaves(p_sam), jax.tree.leaves(p_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
