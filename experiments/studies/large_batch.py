@@ -11,6 +11,7 @@ fit rather than after equal epochs; the report says how many members got there.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def report(run_dir) -> list[str]:
         rows.append([str(batch), f"{row['converged']}/{row['members']}",
                      S.fmt(*row["steps"], digits=4), S.fmt(*row["train_loss"]),
                      S.fmt(*row["test_accuracy"]), S.fmt(*row["lambda_max"]),
-                     S.fmt(*row.get("keskar", (np.nan, np.nan)))])
+                     S.fmt(*row.get("keskar", (math.nan, math.nan)))])
     lines = ["## Large-batch gap (Keskar et al. 2017)", "",
              f"Each batch size trained until the training loss fell below {target:g} "
              f"(at most {cfg['train']['steps']} steps); mean ± std over seeds.", ""]
@@ -79,10 +80,10 @@ def report(run_dir) -> list[str]:
     small, large = min(stats), max(stats)
     if small != large:
         s, l = stats[small], stats[large]
-        lines += ["", f"Batch {large} against batch {small}: λ_max × "
-                  f"{l['lambda_max'][0] / s['lambda_max'][0]:.2f}, ε-sharpness × "
-                  f"{l['keskar'][0] / s['keskar'][0]:.2f}, test accuracy "
-                  f"{100 * (l['test_accuracy'][0] - s['test_accuracy'][0]):+.1f} points."
-                  if "keskar" in s else ""]
+        ratios = [f"{label} × {l[key][0] / s[key][0]:.2f}" for key, label in
+                  (("lambda_max", "λ_max"), ("keskar", "ε-sharpness")) if key in s]
+        lines += ["", f"Batch {large} against batch {small}: " + ", ".join(ratios) +
+                  f", test accuracy "
+                  f"{100 * (l['test_accuracy'][0] - s['test_accuracy'][0]):+.1f} points."]
     lines += ["", "![large-batch gap](large_batch.png)", ""]
     return lines

@@ -25,7 +25,6 @@ Timing has two sources, kept apart:
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import time
 from pathlib import Path

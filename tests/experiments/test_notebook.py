@@ -2,7 +2,6 @@
 kernel, so it never falls out of step with the code. Needs the `test` extra's nbclient,
 nbformat and ipykernel."""
 
-import json
 from pathlib import Path
 
 import pytest
