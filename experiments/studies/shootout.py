@@ -19,7 +19,8 @@ Timing has two sources, kept apart:
   `step_times.json`.
 - *runner*: the store's `groups` table (`seconds` − `compile_seconds`) over the steps
   the group ran: every member of the group (the whole vmapped learning-rate grid) and
-  the group's measurement pass are included.
+  the group's measurement pass are included, and the first group run also pays for
+  compiling the measurement program, which the later groups reuse.
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def report(run_dir) -> list[str]:
              "at their defaults. *ms/step alone*: one member, compiled scan of train_step, "
              "no measurement. *runner ms/step*: the store's group time without compilation "
              "over the group's steps, for the whole vmapped grid (members in brackets) and "
-             "including the measurement pass.", ""]
+             "including the measurement pass (the first group run also compiles the "
+             "measurement program, which later groups reuse).", ""]
     lines += S.table(["optimizer", "best η", "test accuracy", "train loss", "λ_max",
                       "ms/step alone", "× sgd", "runner ms/step (members)",
                       "compile s", "diverged on grid"], rows)
