@@ -193,6 +193,8 @@ def report(run_dir) -> list[str]:
                      f"{1e3 * r['step']:.3g} ({r['members']})" if r else "—",
                      f"{r['compile']:.1f}" if r else "—",
                      str(row["diverged"])])
+    swept = cfg["sweep"].get(OPT, [cfg["optimizer"]["name"]])
+    missing = [n for n in swept if n not in best]
     model = cfg["model"]["name"]
     lines = ["## Optimizer shoot-out", "",
              f"MNIST-1D, {model.upper()}, {cfg['train']['steps']} steps of batch "
@@ -207,6 +209,9 @@ def report(run_dir) -> list[str]:
     lines += S.table(["optimizer", "best η", "test accuracy", "train loss", "λ_max",
                       "ms/step alone", "× sgd", "runner ms/step (members)",
                       "compile s", "diverged on grid"], rows)
+    if missing:
+        lines += ["", "Not in the table (no finished group in the store, or diverged at every "
+                  "learning rate): " + ", ".join(missing) + "."]
     if model != "mlp" and "kfac" in best:
         lines += ["", "K-FAC preconditions dense layers only: here that is the classifier "
                   "head; the convolution kernels receive the raw gradient times the "

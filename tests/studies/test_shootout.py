@@ -34,11 +34,11 @@ def test_best_point_is_the_best_mean_over_seeds():
 def test_shootout_table_on_a_reduced_budget(tmp_path):
     res = experiments.run("shootout_mlp", out=tmp_path / "run", overrides=[
         "data.num_train=1000", "model.hidden=[32]", "train.steps=400",
-        "sweep.optimizer.name=['sgd', 'adam', 'kfac']",
+        "sweep.optimizer.name=['sgd', 'adam', 'sam']",
         "sweep.learning_rate=[0.001, 0.01, 0.1, 1.0]", "measure.num_examples=500"])
     records = res.records()
     best = shootout.best_points(records)
-    assert set(best) == {"sgd", "adam", "kfac"}
+    assert set(best) == {"sgd", "adam", "sam"}
     assert all(b["test_accuracy"][0] > 0.3 for b in best.values()), best  # chance: 0.1
     assert best["adam"]["learning_rate"] < best["sgd"]["learning_rate"]
 
