@@ -73,8 +73,8 @@ def _data(cfg: dict):
             jnp.asarray(data.y_train[: d["num_train"]]), data.num_classes)
 
 
-def time_steps(cfg: dict, name: str, learning_rate: float, *, steps: int = 20,
-               repeats: int = 3) -> dict:
+def time_steps(cfg: dict, name: str, learning_rate: float, *, steps: int = 200,
+               repeats: int = 5) -> dict:
     """Seconds per training step of optimizer `name` alone: one member, the config's
     model, loss and batch size; a jitted `lax.scan` of `steps` calls of
     `transforms.train_step`. Returns {"step": median seconds per step over `repeats`
