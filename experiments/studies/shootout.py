@@ -13,10 +13,10 @@ the report takes each optimizer's best point on the shared grid (by test accurac
 over seeds) and lists the rest in the members table.
 
 Timing has two sources, kept apart:
-- *per step, alone*: `time_steps` compiles a `lax.scan` of `transforms.train_step` for
-  one member on the config's model and batch size, then times it (median of repeats,
-  compilation excluded, no measurement). Run once by the report and cached in
-  `step_times.json`.
+- *per step, alone*: `time_steps` compiles a `lax.scan` of 200 `transforms.train_step`
+  calls for one member on the config's model and batch size per optimizer, then times
+  them in round-robin rounds (median of 5, compilation excluded, no measurement). Run
+  once by the report and cached in `step_times.json`.
 - *runner*: the store's `groups` table (`seconds` − `compile_seconds`) over the steps
   the group ran: every member of the group (the whole vmapped learning-rate grid) and
   the group's measurement pass are included, and the first group run also pays for
@@ -73,12 +73,10 @@ def _data(cfg: dict):
             jnp.asarray(data.y_train[: d["num_train"]]), data.num_classes)
 
 
-def time_steps(cfg: dict, name: str, learning_rate: float, *, steps: int = 200,
-               repeats: int = 5) -> dict:
-    """Seconds per training step of optimizer `name` alone: one member, the config's
-    model, loss and batch size; a jitted `lax.scan` of `steps` calls of
-    `transforms.train_step`. Returns {"step": median seconds per step over `repeats`
-    runs, "compile": seconds to compile the scan}."""
+def compiled_steps(cfg: dict, name: str, learning_rate: float, *, steps: int = 200):
+    """A compiled `lax.scan` of `steps` calls of `transforms.train_step` for optimizer
+    `name`: one member, the config's model, loss and batch size. Returns
+    `(run, compile_seconds)`; `run()` executes it once and returns its seconds."""
     x, y, num_classes = _data(cfg)
     model = build_model(cfg["model"], x.shape[1], num_classes)
     loss_fn = loss_function(model.apply_fn, cfg["train"]["loss"])
@@ -90,7 +88,7 @@ def time_steps(cfg: dict, name: str, learning_rate: float, *, steps: int = 200,
     idx = jax.random.randint(jax.random.key(1), (steps, batch), 0, x.shape[0])
 
     @jax.jit
-    def run(params, state, key):
+    def scan(params, state, key):
         def step(carry, i):
             p, s = carry
             p, s, loss = tx.train_step(opt, loss_fn, p, s, (x[i], y[i]),
@@ -101,14 +99,33 @@ def time_steps(cfg: dict, name: str, learning_rate: float, *, steps: int = 200,
 
     state = opt.init(params)
     t0 = time.perf_counter()
-    compiled = run.lower(params, state, jax.random.key(2)).compile()
+    compiled = scan.lower(params, state, jax.random.key(2)).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for r in range(repeats):
+
+    def run() -> float:
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, state, jax.random.key(r)))
-        times.append((time.perf_counter() - t0) / steps)
-    return {"step": float(np.median(times)), "compile": compile_s}
+        jax.block_until_ready(compiled(params, state, jax.random.key(3)))
+        return time.perf_counter() - t0
+
+    return run, compile_s
+
+
+def time_steps(cfg: dict, points: dict[str, float], *, steps: int = 200,
+               repeats: int = 5) -> dict[str, dict]:
+    """Seconds per training step of each optimizer alone (`points`: name → learning
+    rate), compilation excluded. All are compiled first, then timed in `repeats`
+    round-robin rounds, so a change in the machine's load during timing touches every
+    optimizer alike. Returns name → {"step": median over rounds of seconds per step,
+    "min": the fastest round's, "compile": compile seconds}."""
+    runs = {n: compiled_steps(cfg, n, lr, steps=steps) for n, lr in points.items()}
+    for run, _ in runs.values():
+        run()  # warm-up: first execution allocates buffers
+    rounds = {n: [] for n in runs}
+    for _ in range(repeats):
+        for n, (run, _) in runs.items():
+            rounds[n].append(run() / steps)
+    return {n: {"step": float(np.median(rounds[n])), "min": float(np.min(rounds[n])),
+                "compile": runs[n][1]} for n in runs}
 
 
 def runner_times(run_dir: Path) -> dict[str, dict]:
@@ -132,10 +149,9 @@ def runner_times(run_dir: Path) -> dict[str, dict]:
 def _step_times(run_dir: Path, cfg: dict, best: dict) -> dict:
     path = run_dir / "step_times.json"
     cached = studies.load_json(path, {})
-    for name, row in best.items():
-        if name not in cached:
-            cached[name] = time_steps(cfg, name, row["learning_rate"])
-            studies.save_json(path, cached)
+    if set(best) - set(cached):  # all timed together, in the same rounds
+        cached = time_steps(cfg, {n: row["learning_rate"] for n, row in best.items()})
+        studies.save_json(path, cached)
     return cached
 
 
@@ -201,8 +217,8 @@ def report(run_dir) -> list[str]:
              f"{cfg['train']['batch_size']}, learning-rate schedule "
              f"{cfg['optimizer'].get('schedule', 'constant')}; each optimizer at its best "
              "learning rate of the shared grid (by test accuracy), other hyper-parameters "
-             "at their defaults. *ms/step alone*: one member, compiled scan of train_step, "
-             "no measurement. *runner ms/step*: the store's group time without compilation "
+             "at their defaults. *ms/step alone*: one member, compiled scan of 200 "
+             "train_steps, median of 5 round-robin rounds, no measurement. *runner ms/step*: the store's group time without compilation "
              "over the group's steps, for the whole vmapped grid (members in brackets) and "
              "including the measurement pass (the first group run also compiles the "
              "measurement program, which later groups reuse).", ""]

@@ -55,5 +55,5 @@ def test_shootout_table_on_a_reduced_budget(tmp_path):
     text = write_report(res.path).read_text()
     alone = json.loads((res.path / "step_times.json").read_text())
     assert set(alone) == set(best)
-    assert all(t["step"] > 0 and t["compile"] > 0 for t in alone.values())
+    assert all(0 < t["min"] <= t["step"] and t["compile"] > 0 for t in alone.values())
     assert "## Optimizer shoot-out" in text and (res.path / "shootout.png").is_file()
