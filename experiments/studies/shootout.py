@@ -178,7 +178,7 @@ def _figure(records: list[dict], best: dict, alone: dict, path: Path) -> None:
               (axs[1][0], [best[n]["lambda_max"][0] for n in names],
                "λ_max at the best learning rate", True),
               (axs[1][1], [1e3 * alone[n]["step"] for n in names],
-               "milliseconds per training step (one member, alone)", True)]
+               "milliseconds per training step (one member, alone)", False)]
     for ax, vals, title, log in panels:
         ax.bar(range(len(names)), vals, color=[colours[n] for n in names])
         ax.set_xticks(range(len(names)), names, rotation=35, fontsize=8)
