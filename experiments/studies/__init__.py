@@ -14,6 +14,11 @@ A config names its study with the top-level key `study`. Two shapes exist:
 
 Every study module also has `NAME` (its config value) and a docstring that states the
 claim it reproduces and cites the paper.
+
+Helpers for custom studies: `piece(run_dir, name, compute, log)` computes one named
+piece of `results.json` unless an earlier (interrupted) run already stored it, which is
+all `--resume` needs; `train(...)` is a plain jitted mini-batch loop over any optimizer
+of `transforms`; `check(cond, message)` raises `ConfigError` for `validate`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import pkgutil
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable, NamedTuple
 
 SWEEP = "sweep"  # the default: a plain sweep with the generic report only
 
@@ -59,3 +65,70 @@ def save_json(path: Path, value) -> None:
 
 def load_json(path: Path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+RESULTS = "results.json"
+
+
+def check(cond: bool, message: str) -> None:
+    """For a custom study's `validate`: raise `ConfigError(message)` unless `cond`."""
+    from experiments.config import ConfigError
+
+    if not cond:
+        raise ConfigError(message)
+
+
+def piece(run_dir: Path, name: str, compute: Callable[[], Any], log=None) -> Any:
+    """The piece `name` of `run_dir/results.json`: read back if a previous run stored
+    it, else `compute()`d (JSON-serializable), stored at once and returned."""
+    path = Path(run_dir) / RESULTS
+    done = load_json(path, {})
+    if name in done:
+        if log is not None:
+            log(f"{name}: already stored, skipped")
+        return done[name]
+    value = compute()
+    done = load_json(path, {})   # re-read: keep whatever else was stored meanwhile
+    done[name] = value
+    save_json(path, done)
+    return value
+
+
+class Trained(NamedTuple):
+    """`train`'s result: the final parameters and the mini-batch loss of every step."""
+
+    params: Any
+    losses: Any
+
+
+def train(loss_fn: Callable, params: Any, optimizer, data: tuple, *, steps: int,
+          batch_size: int, key, apply_fn: Callable | None = None) -> Trained:
+    """`steps` steps of `optimizer` on mini-batches of `data = (inputs, labels)`, drawn
+    in exact epochs (a fresh permutation per epoch, the last partial batch dropped),
+    through `transforms.train_step`; one `lax.scan` under one `jit`."""
+    import jax
+    import transforms as tx
+
+    n = jax.tree.leaves(data)[0].shape[0]
+    check(0 < batch_size <= n, f"batch size {batch_size} must be in 1..{n}")
+    per_epoch = n // batch_size
+    k_data, k_step = jax.random.split(key)
+
+    @jax.jit
+    def run(params):
+        def step(carry, t):
+            params, state = carry
+            perm = jax.random.permutation(jax.random.fold_in(k_data, t // per_epoch), n)
+            idx = jax.lax.dynamic_slice_in_dim(perm, (t % per_epoch) * batch_size,
+                                               batch_size)
+            batch = jax.tree.map(lambda a: a[idx], data)
+            params, state, loss = tx.train_step(optimizer, loss_fn, params, state, batch,
+                                                jax.random.fold_in(k_step, t),
+                                                apply_fn=apply_fn)
+            return (params, state), loss
+
+        (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)),
+                                           jax.numpy.arange(steps))
+        return params, losses
+
+    return Trained(*run(params))
