@@ -17,8 +17,10 @@ claim it reproduces and cites the paper.
 
 Helpers for custom studies: `piece(run_dir, name, compute, log)` computes one named
 piece of `results.json` unless an earlier (interrupted) run already stored it, which is
-all `--resume` needs; `train(...)` is a plain jitted mini-batch loop over any optimizer
-of `transforms`; `check(cond, message)` raises `ConfigError` for `validate`.
+all `--resume` needs, and `array_piece` does the same for a pytree of arrays (trained
+parameters) in its own `.npz`; `train(...)` is a plain jitted mini-batch loop over any
+optimizer of `transforms`; `mnist1d(num_train, num_test)` gives the two splits as
+`(inputs, labels)` pairs; `check(cond, message)` raises `ConfigError` for `validate`.
 """
 
 from __future__ import annotations
@@ -92,6 +94,45 @@ def piece(run_dir: Path, name: str, compute: Callable[[], Any], log=None) -> Any
     done[name] = value
     save_json(path, done)
     return value
+
+
+def array_piece(run_dir: Path, name: str, compute: Callable[[], Any], like: Any,
+                log=None) -> Any:
+    """Like `piece` for a pytree of arrays shaped like `like`, kept in
+    `run_dir/<name>.npz` (leaves in `jax.tree.leaves` order)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    path = Path(run_dir) / f"{name}.npz"
+    leaves, treedef = jax.tree.flatten(like)
+    if path.is_file():
+        with np.load(path) as f:
+            stored = [f[f"arr_{i}"] for i in range(len(f.files))]
+        if [a.shape for a in stored] == [np.shape(a) for a in leaves]:
+            if log is not None:
+                log(f"{name}: already stored, loaded")
+            return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in stored])
+    value = compute()
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, *[np.asarray(a) for a in jax.tree.leaves(value)])
+    tmp.replace(path)
+    return value
+
+
+def mnist1d(num_train: int, num_test: int) -> tuple[tuple, tuple]:
+    """The first `num_train` / `num_test` examples of MNIST-1D's splits (generated
+    locally), as `(inputs, labels)` pairs of jax arrays."""
+    import jax.numpy as jnp
+
+    from experiments.data import mnist1d as generate
+
+    data = generate()
+    check(0 < num_train <= len(data.y_train) and 0 < num_test <= len(data.y_test),
+          f"data.num_train must be in 1..{len(data.y_train)} and data.num_test in "
+          f"1..{len(data.y_test)}; got {num_train} and {num_test}")
+    return ((jnp.asarray(data.x_train[:num_train]), jnp.asarray(data.y_train[:num_train])),
+            (jnp.asarray(data.x_test[:num_test]), jnp.asarray(data.y_test[:num_test])))
 
 
 class Trained(NamedTuple):

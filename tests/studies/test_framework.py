@@ -63,3 +63,19 @@ def test_train_visits_every_example_once_per_epoch():
     with pytest.raises(cfglib.ConfigError, match="batch size"):
         studies.train(loss_fn, jnp.zeros(3), tx.make("sgd", learning_rate=lr),
                       (x, jnp.zeros(12)), steps=1, batch_size=13, key=jax.random.key(0))
+
+
+def test_array_piece_round_trips(tmp_path):
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": [jnp.ones(4), jnp.zeros(())]}
+    out = studies.array_piece(tmp_path, "params", lambda: tree, tree)
+    again = studies.array_piece(tmp_path, "params", lambda: pytest.fail("recomputed"), tree)
+    for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(tree)):
+        np.testing.assert_array_equal(x, y)
+    assert jax.tree.structure(again) == jax.tree.structure(out)
+
+
+def test_mnist1d_splits():
+    (x, y), (xt, yt) = studies.mnist1d(100, 50)
+    assert x.shape == (100, 40) and y.shape == (100,) and xt.shape == (50, 40)
+    with pytest.raises(cfglib.ConfigError, match="num_train"):
+        studies.mnist1d(10**6, 50)
