@@ -146,8 +146,13 @@ def train(loss_fn: Callable, params: Any, optimizer, data: tuple, *, steps: int,
           batch_size: int, key, apply_fn: Callable | None = None) -> Trained:
     """`steps` steps of `optimizer` on mini-batches of `data = (inputs, labels)`, drawn
     in exact epochs (a fresh permutation per epoch, the last partial batch dropped),
-    through `transforms.train_step`; one `lax.scan` under one `jit`."""
+    through `transforms.train_step`.
+
+    One jitted step called from Python: XLA on CPU runs convolutions inside a
+    `lax.scan` loop body an order of magnitude slower than the same step on its own
+    (ResNet1D, depth 8: 0.5–0.7 s against 0.03–0.09 s per step, 2-core machine)."""
     import jax
+    import jax.numpy as jnp
     import transforms as tx
 
     n = jax.tree.leaves(data)[0].shape[0]
@@ -156,20 +161,16 @@ def train(loss_fn: Callable, params: Any, optimizer, data: tuple, *, steps: int,
     k_data, k_step = jax.random.split(key)
 
     @jax.jit
-    def run(params):
-        def step(carry, t):
-            params, state = carry
+    def step(params, state, data, perm, t):
+        idx = jax.lax.dynamic_slice_in_dim(perm, (t % per_epoch) * batch_size, batch_size)
+        batch = jax.tree.map(lambda a: a[idx], data)
+        return tx.train_step(optimizer, loss_fn, params, state, batch,
+                             jax.random.fold_in(k_step, t), apply_fn=apply_fn)
+
+    state, losses, perm = optimizer.init(params), [], None
+    for t in range(steps):
+        if t % per_epoch == 0:
             perm = jax.random.permutation(jax.random.fold_in(k_data, t // per_epoch), n)
-            idx = jax.lax.dynamic_slice_in_dim(perm, (t % per_epoch) * batch_size,
-                                               batch_size)
-            batch = jax.tree.map(lambda a: a[idx], data)
-            params, state, loss = tx.train_step(optimizer, loss_fn, params, state, batch,
-                                                jax.random.fold_in(k_step, t),
-                                                apply_fn=apply_fn)
-            return (params, state), loss
-
-        (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)),
-                                           jax.numpy.arange(steps))
-        return params, losses
-
-    return Trained(*run(params))
+        params, state, loss = step(params, state, data, perm, jnp.asarray(t))
+        losses.append(loss)
+    return Trained(params, jnp.stack(losses) if losses else jnp.zeros((0,)))
