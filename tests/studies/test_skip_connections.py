@@ -64,14 +64,15 @@ def test_bad_config_is_one_line_error():
 
 @pytest.mark.slow
 def test_plain_network_is_rougher(tmp_path):
-    """What holds at CPU scale: without skips the trained network sits in a sharper
+    """What holds at the shipped CPU scale: without skips the trained network sits in a sharper
     basin, its loss rises faster along the same filter-normalized directions and its
     λ_max is larger. (|λ_min/λ_max|, Li et al.'s non-convexity measure, came out equal
     for the two networks at this scale; see docs/studies/skip_connections.md.)"""
     import experiments
 
-    small = ["data.num_train=1000", "model.depth=6", "model.width=8", "train.steps=300",
-             "surface.points=9", "surface.num_examples=500", "surface.chunk_size=500"]
+    # The shipped model and training (on a shorter budget the plain network stays near
+    # its initialization, flatter than the trained skip network); a coarser surface.
+    small = ["surface.points=9"]
     experiments.run("skip_connections", overrides=small, out=tmp_path)
     rows = sc.summary(cfglib.load("skip_connections", small),
                       sc.studies.load_json(tmp_path / "results.json"))
