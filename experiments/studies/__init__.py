@@ -14,6 +14,13 @@ A config names its study with the top-level key `study`. Two shapes exist:
 
 Every study module also has `NAME` (its config value) and a docstring that states the
 claim it reproduces and cites the paper.
+
+Helpers for custom studies: `piece(run_dir, name, compute, log)` computes one named
+piece of `results.json` unless an earlier (interrupted) run already stored it, which is
+all `--resume` needs, and `array_piece` does the same for a pytree of arrays (trained
+parameters) in its own `.npz`; `train(...)` is a plain jitted mini-batch loop over any
+optimizer of `transforms`; `mnist1d(num_train, num_test)` gives the two splits as
+`(inputs, labels)` pairs; `check(cond, message)` raises `ConfigError` for `validate`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import pkgutil
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable, NamedTuple
 
 SWEEP = "sweep"  # the default: a plain sweep with the generic report only
 
@@ -59,3 +67,110 @@ def save_json(path: Path, value) -> None:
 
 def load_json(path: Path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+RESULTS = "results.json"
+
+
+def check(cond: bool, message: str) -> None:
+    """For a custom study's `validate`: raise `ConfigError(message)` unless `cond`."""
+    from experiments.config import ConfigError
+
+    if not cond:
+        raise ConfigError(message)
+
+
+def piece(run_dir: Path, name: str, compute: Callable[[], Any], log=None) -> Any:
+    """The piece `name` of `run_dir/results.json`: read back if a previous run stored
+    it, else `compute()`d (JSON-serializable), stored at once and returned."""
+    path = Path(run_dir) / RESULTS
+    done = load_json(path, {})
+    if name in done:
+        if log is not None:
+            log(f"{name}: already stored, skipped")
+        return done[name]
+    value = compute()
+    done = load_json(path, {})   # re-read: keep whatever else was stored meanwhile
+    done[name] = value
+    save_json(path, done)
+    return value
+
+
+def array_piece(run_dir: Path, name: str, compute: Callable[[], Any], like: Any,
+                log=None) -> Any:
+    """Like `piece` for a pytree of arrays shaped like `like`, kept in
+    `run_dir/<name>.npz` (leaves in `jax.tree.leaves` order)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    path = Path(run_dir) / f"{name}.npz"
+    leaves, treedef = jax.tree.flatten(like)
+    if path.is_file():
+        with np.load(path) as f:
+            stored = [f[f"arr_{i}"] for i in range(len(f.files))]
+        if [a.shape for a in stored] == [np.shape(a) for a in leaves]:
+            if log is not None:
+                log(f"{name}: already stored, loaded")
+            return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in stored])
+    value = compute()
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, *[np.asarray(a) for a in jax.tree.leaves(value)])
+    tmp.replace(path)
+    return value
+
+
+def mnist1d(num_train: int, num_test: int) -> tuple[tuple, tuple]:
+    """The first `num_train` / `num_test` examples of MNIST-1D's splits (generated
+    locally), as `(inputs, labels)` pairs of jax arrays."""
+    import jax.numpy as jnp
+
+    from experiments.data import mnist1d as generate
+
+    data = generate()
+    check(0 < num_train <= len(data.y_train) and 0 < num_test <= len(data.y_test),
+          f"data.num_train must be in 1..{len(data.y_train)} and data.num_test in "
+          f"1..{len(data.y_test)}; got {num_train} and {num_test}")
+    return ((jnp.asarray(data.x_train[:num_train]), jnp.asarray(data.y_train[:num_train])),
+            (jnp.asarray(data.x_test[:num_test]), jnp.asarray(data.y_test[:num_test])))
+
+
+class Trained(NamedTuple):
+    """`train`'s result: the final parameters and the mini-batch loss of every step."""
+
+    params: Any
+    losses: Any
+
+
+def train(loss_fn: Callable, params: Any, optimizer, data: tuple, *, steps: int,
+          batch_size: int, key, apply_fn: Callable | None = None) -> Trained:
+    """`steps` steps of `optimizer` on mini-batches of `data = (inputs, labels)`, drawn
+    in exact epochs (a fresh permutation per epoch, the last partial batch dropped),
+    through `transforms.train_step`.
+
+    One jitted step called from Python: XLA on CPU runs convolutions inside a
+    `lax.scan` loop body an order of magnitude slower than the same step on its own
+    (ResNet1D, depth 8: 0.5–0.7 s against 0.03–0.09 s per step, 2-core machine)."""
+    import jax
+    import jax.numpy as jnp
+    import transforms as tx
+
+    n = jax.tree.leaves(data)[0].shape[0]
+    check(0 < batch_size <= n, f"batch size {batch_size} must be in 1..{n}")
+    per_epoch = n // batch_size
+    k_data, k_step = jax.random.split(key)
+
+    @jax.jit
+    def step(params, state, data, perm, t):
+        idx = jax.lax.dynamic_slice_in_dim(perm, (t % per_epoch) * batch_size, batch_size)
+        batch = jax.tree.map(lambda a: a[idx], data)
+        return tx.train_step(optimizer, loss_fn, params, state, batch,
+                             jax.random.fold_in(k_step, t), apply_fn=apply_fn)
+
+    state, losses, perm = optimizer.init(params), [], None
+    for t in range(steps):
+        if t % per_epoch == 0:
+            perm = jax.random.permutation(jax.random.fold_in(k_data, t // per_epoch), n)
+        params, state, loss = step(params, state, data, perm, jnp.asarray(t))
+        losses.append(loss)
+    return Trained(params, jnp.stack(losses) if losses else jnp.zeros((0,)))
