@@ -25,9 +25,10 @@ SWEEP = True
 
 
 def summary(run_dir: str | Path) -> list[dict]:
-    """Per member: learning rate, 2/η, λ_max at step 0, its peak, the first step at
-    which it reached 0.9·2/η (None if never), and its median over the second half of
-    the records (`late_median`, also as a ratio to 2/η)."""
+    """Per member: learning rate, 2/η, λ_max at step 0, its lowest value in the first
+    half of training (`lambda_dip` at `dip_step`), its peak after that, the first step
+    after the dip at which it reached 0.9·2/η (None if never), and its median over the
+    second half of the records (`late_median`, also as a ratio to 2/η)."""
     from experiments.sweep import Results
 
     res = Results(Path(run_dir))
@@ -41,12 +42,16 @@ def summary(run_dir: str | Path) -> list[dict]:
         lam = np.array([v for _, v in points])
         lr = rec.get("learning_rate", res.config["optimizer"]["learning_rate"])
         edge = 2.0 / lr
-        reached = np.nonzero(lam >= 0.9 * edge)[0]
+        # The first steps fit the targets' mean and can drop λ_max from its initial
+        # value: sharpening is measured from the lowest point of the first half.
+        dip = int(np.argmin(lam[: max(1, len(lam) // 2)]))
+        reached = dip + np.nonzero(lam[dip:] >= 0.9 * edge)[0]
         late = lam[len(lam) // 2:]
         out.append({
             "member": rec["member"], "learning_rate": lr, "edge": edge,
             "status": rec["status"], "lambda_start": float(lam[0]),
-            "lambda_peak": float(lam.max()),
+            "dip_step": int(steps[dip]), "lambda_dip": float(lam[dip]),
+            "lambda_peak": float(lam[dip:].max()),
             "reached_step": int(steps[reached[0]]) if reached.size else None,
             "late_median": float(np.median(late)),
             "late_ratio": float(np.median(late) / edge),
@@ -98,11 +103,12 @@ def report(run_dir: str | Path) -> list[str]:
 
     lines = ["## Edge of stability (Cohen et al. 2021)", "",
              "![λ_max against steps](edge_of_stability.png)", "",
-             "| η | 2/η | λ_max at step 0 | peak λ_max | first step ≥ 0.9·2/η | "
-             "median λ_max, 2nd half | ÷ 2/η | final train loss |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| η | 2/η | λ_max at step 0 | lowest λ_max (step) | peak after | "
+             "first step ≥ 0.9·2/η | median λ_max, 2nd half | ÷ 2/η | final train loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['learning_rate']:g} | {fmt(r['edge'])} | {fmt(r['lambda_start'])} "
+                     f"| {fmt(r['lambda_dip'])} ({r['dip_step']}) "
                      f"| {fmt(r['lambda_peak'])} | {fmt(r['reached_step'])} | "
                      f"{fmt(r['late_median'])} | {fmt(r['late_ratio'])} | "
                      f"{fmt(r['train_loss'])} |")

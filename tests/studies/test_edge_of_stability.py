@@ -24,6 +24,7 @@ def test_summary_reads_the_records_as_defined(tmp_path):
                        "train_loss": [(20, 1.0), (200, 0.1)]}}], 1.0, 0.5)
     (row,) = eos.summary(tmp_path)
     assert row["edge"] == 4.0 and row["lambda_start"] == 1.0
+    assert row["dip_step"] == 0 and row["lambda_dip"] == 1.0
     assert row["lambda_peak"] == pytest.approx(lam.max())
     assert row["reached_step"] == int(steps[np.nonzero(lam >= 3.6)[0][0]])
     late = lam[len(lam) // 2:]
@@ -48,10 +49,10 @@ def test_sharpness_rises_to_two_over_eta_and_hovers_there(tmp_path):
         lam = np.array([v for _, v in curves[row["member"]]])
         steps = np.array([s for s, _ in curves[row["member"]]])
         # Progressive sharpening: after the first steps λ_max sits well below 2/η ...
-        early = lam[(steps > 0) & (steps <= 200)]
-        assert early.min() < 0.85 * row["edge"], row
+        assert 0 < row["dip_step"] <= 400 and row["lambda_dip"] < 0.85 * row["edge"], row
+        assert lam[steps == row["dip_step"]][0] == row["lambda_dip"]
         # ... then rises to it ...
-        assert row["reached_step"] is not None and row["reached_step"] > 200, row
+        assert row["reached_step"] is not None and row["reached_step"] > row["dip_step"]
         # ... and hovers there: the late-phase median within ±20% of 2/η.
         assert 0.8 < row["late_ratio"] < 1.2, row
     # The training loss still falls at the edge of stability.
