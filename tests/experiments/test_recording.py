@@ -3,6 +3,8 @@ label noise, the L2 penalty, test curves with early stopping's record, and curva
 (λ_max, λ_min, the index, per-layer gradient norms, the noise scale) at record steps
 inside the one compiled group program."""
 
+import functools
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 import pytest
 
 import experiments
@@ -105,19 +108,21 @@ def recorded(tmp_path_factory):
     return res
 
 
-def _plain_loop(cfg, l2):
+@functools.lru_cache(maxsize=2)
+def _plain_loop(model_cfg, l2):
     """The member (batch 16, lr 0.05, seed 1) trained by hand with optax.sgd on the
     data loss plus ½·l2·‖θ‖²; returns the parameters at every step and the mean data
     loss of each 10-step window."""
     data = mnist1d()
     x = jnp.asarray(data.x_train[:256])
     y = jnp.asarray(randomize_labels(data.y_train[:256], 0.2, 10, seed=0).labels)
-    model = build_model(cfg["model"], 40, 10)
-    loss_fn = loss_function(model.apply_fn, "cross_entropy")
+    model = build_model(json.loads(model_cfg), 40, 10)
+    loss_fn = jax.jit(loss_function(model.apply_fn, "cross_entropy"))
 
     def objective(p, b):
         return loss_fn(p, b) + 0.5 * l2 * sum(jnp.sum(a ** 2) for a in jax.tree.leaves(p))
 
+    step_grad = jax.jit(jax.grad(objective))
     k_init, k_data, _ = jax.random.split(jax.random.key(1), 3)
     params = model.init(k_init)
     opt = optax.sgd(0.05)
@@ -128,7 +133,7 @@ def _plain_loop(cfg, l2):
             perm = jax.random.permutation(jax.random.fold_in(k_data, t // 16), 256)
         idx = perm[(t % 16) * 16:(t % 16 + 1) * 16]
         losses.append(float(loss_fn(params, (x[idx], y[idx]))))
-        grads = jax.grad(objective)(params, (x[idx], y[idx]))
+        grads = step_grad(params, (x[idx], y[idx]))
         updates, state = opt.update(grads, state)
         params = optax.apply_updates(params, updates)
         trajectory.append(params)
@@ -144,7 +149,7 @@ def _member(res, lr, l2):
 @pytest.mark.parametrize("l2", [0.0, pytest.param(L2, marks=pytest.mark.slow)])
 def test_l2_train_loss_and_test_curves_equal_a_plain_loop(recorded, l2):
     rec = _member(recorded, 0.05, l2)
-    model, loss_fn, train, traj, windows = _plain_loop(recorded.config, l2)
+    model, loss_fn, train, traj, windows = _plain_loop(json.dumps(recorded.config["model"]), l2)
     assert rec["status"] == "finished" and rec["steps"] == 40
     # The reported losses are the data loss alone, without the penalty.
     np.testing.assert_allclose(rec["train_loss"], float(loss_fn(traj[40], train)), rtol=1e-4)
@@ -171,16 +176,18 @@ def test_l2_values_share_one_group_and_the_penalty_changes_training(recorded):
     assert a["train_loss"] != b["train_loss"]
 
 
-def _dense_eigs(loss_fn, params, batch):
-    hess = ls.hessian(loss_fn, params, batch)
-    return np.linalg.eigvalsh(np.asarray(hess.dense(), np.float64))
-
-
 @pytest.mark.parametrize("l2", [pytest.param(0.0, marks=pytest.mark.slow), L2])
 def test_recorded_curvature_equals_the_plain_loop_at_each_record_step(recorded, l2):
     rec = _member(recorded, 0.05, l2)
-    model, loss_fn, (x, y), traj, _ = _plain_loop(recorded.config, l2)
+    model, loss_fn, (x, y), traj, _ = _plain_loop(json.dumps(recorded.config["model"]), l2)
     sub = (x[:128], y[:128])
+    flat0, unravel = ravel_pytree(traj[0])
+    # References: jax.hessian on the flat parameters (of the data loss, as documented),
+    # plain per-layer gradient norms, and per-example gradients by vmap.
+    dense = jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), sub)))
+    grad = jax.jit(jax.grad(loss_fn))
+    per_example = jax.jit(jax.vmap(lambda p, xi, yi: ravel_pytree(
+        jax.grad(loss_fn)(p, (xi[None], yi[None])))[0], in_axes=(None, 0, 0)))
     curves = {name: recorded.curves(name)[rec["member"]] for name in (
         "lambda_max", "lambda_min", "index", "noise_scale", "grad_norm/layers/0",
         "grad_norm/layers/1")}
@@ -188,23 +195,21 @@ def test_recorded_curvature_equals_the_plain_loop_at_each_record_step(recorded, 
         assert [s for s, _ in curve] == [0, 20, 40], name
     for j, s in enumerate((0, 20, 40)):
         params = traj[s]
-        eigs = _dense_eigs(loss_fn, params, sub)  # of the data loss, as documented
+        eigs = np.linalg.eigvalsh(np.asarray(dense(ravel_pytree(params)[0]), np.float64))
         scale = np.abs(eigs).max()
         np.testing.assert_allclose(curves["lambda_max"][j][1], eigs[-1], rtol=2e-2)
         np.testing.assert_allclose(curves["lambda_min"][j][1], eigs[0],
                                    atol=5e-2 * scale)
         index = np.mean(eigs < -1e-3 * scale)
         assert abs(curves["index"][j][1] - index) < 0.06, (s, index)
-        grads = jax.grad(loss_fn)(params, sub)
+        grads = grad(params, sub)
         for layer in (0, 1):
             g = grads["layers"][layer]
             norm = np.sqrt(np.sum(np.square(g["kernel"])) + np.sum(np.square(g["bias"])))
             np.testing.assert_allclose(curves[f"grad_norm/layers/{layer}"][j][1], norm,
                                        rtol=1e-4)
         # McCandlish et al.'s B_simple from per-example gradients, written out in numpy.
-        per = jax.vmap(lambda xi, yi: jax.grad(loss_fn)(params, (xi[None], yi[None])))(*sub)
-        g = np.concatenate([np.asarray(a, np.float64).reshape(128, -1)
-                            for a in jax.tree.leaves(per)], axis=1)
+        g = np.asarray(per_example(params, *sub), np.float64)
         mean = g.mean(0)
         tr_cov = np.sum((g - mean) ** 2) / 127
         b_simple = tr_cov / (mean @ mean - tr_cov / 128)
