@@ -232,3 +232,12 @@ def test_recording_compiles_the_group_program_once(recorded):
     # compilation of the group's program (and one of the end-of-run measures).
     assert recorded.compiled.count("jit(group_program)") == 1
     assert len(recorded.curves("lambda_max")[0]) == 3
+
+
+def test_a_record_interval_off_the_window_grid_is_refused():
+    cfg = cfglib.load(TINY)
+    model = build_model(cfg["model"], 40, 10)
+    x, y = jnp.zeros((64, 40)), jnp.zeros((64,), jnp.int32)
+    with pytest.raises(ValueError, match="multiple of record_every"):
+        make_group_program(model, {"name": "sgd"}, cfg["train"], 16, x, y,
+                           record_cfg=dict(cfg["record"], every=15))
