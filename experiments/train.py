@@ -306,7 +306,8 @@ def make_group_program(model: Model, opt_cfg: dict, train_cfg: dict, batch_size:
                 window, in_axes=(None, 0, 0, 0, 0, 0, 0, 0))(
                     r, hyper, l2, params, opt_state, perm, status, keys)
             evals = {k: v.at[:, r].set(new[k]) for k, v in evals.items()}
-            return params, opt_state, perm, status, curve.at[:, r].set(mean), taken + count, evals
+            return (params, opt_state, perm, status, curve.at[:, r].set(mean), taken + count,
+                    evals)
 
         def body(carry):
             r, params, opt_state, perm, status, curve, taken, evals, recs = carry
