@@ -241,3 +241,28 @@ def test_a_record_interval_off_the_window_grid_is_refused():
     with pytest.raises(ValueError, match="multiple of record_every"):
         make_group_program(model, {"name": "sgd"}, cfg["train"], 16, x, y,
                            record_cfg=dict(cfg["record"], every=15))
+
+
+@pytest.mark.slow
+def test_records_are_the_same_on_eight_simulated_devices(recorded, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import experiments, json, jax, sys; assert jax.local_device_count() == 8; "
+            f"r = experiments.run(json.loads(sys.argv[1]), out={str(tmp_path / 'd8')!r}); "
+            "print(json.dumps({n: r.curves(n) for n in sys.argv[2:]}))")
+    names = ["lambda_max", "lambda_min", "index", "noise_scale", "grad_norm/layers/1",
+             "test_accuracy", "train_loss"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(recorded.config), *names],
+                          cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in names:
+        single = recorded.curves(name)
+        assert sorted(int(m) for m in sharded[name]) == sorted(single), name
+        for m, points in single.items():
+            np.testing.assert_allclose(np.array(sharded[name][str(m)]), np.array(points),
+                                       rtol=1e-4, atol=1e-6, err_msg=f"{name} {m}")
