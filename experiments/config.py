@@ -1,7 +1,7 @@
 """Study configs: TOML files (data, never code), overrides, validation and the grid.
 
-A config has the tables `[data]`, `[model]`, `[optimizer]`, `[train]`, `[measure]` and
-`[sweep]`. Each key of `[sweep]` is a dotted path into the config (shorthands:
+A config has the tables `[data]`, `[model]`, `[optimizer]`, `[train]`, `[measure]`,
+`[record]` (curvature along training) and `[sweep]`. Each key of `[sweep]` is a dotted path into the config (shorthands:
 `batch_size` → `train.batch_size`, `learning_rate` → `optimizer.learning_rate`,
 `seed` → `train.seed`) with a list of values; the grid is their product.
 """
