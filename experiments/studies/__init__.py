@@ -80,6 +80,31 @@ def check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def number(x) -> bool:
+    """A real number (not a bool), for `validate` checks."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def positive_int(table: dict, *keys: str) -> None:
+    """Check that each of `keys` in a config `table` is an integer > 0."""
+    for key in keys:
+        v = table[key]
+        check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              f"{key} must be a positive integer, got {v!r}")
+
+
+def positive_number(table: dict, *keys: str) -> None:
+    """Check that each of `keys` in a config `table` is a number > 0."""
+    for key in keys:
+        check(number(table[key]) and table[key] > 0,
+              f"{key} must be a number > 0, got {table[key]!r}")
+
+
+def results(run_dir: Path) -> dict:
+    """Everything a custom study stored so far in `run_dir/results.json`."""
+    return load_json(Path(run_dir) / RESULTS, {})
+
+
 def piece(run_dir: Path, name: str, compute: Callable[[], Any], log=None) -> Any:
     """The piece `name` of `run_dir/results.json`: read back if a previous run stored
     it, else `compute()`d (JSON-serializable), stored at once and returned."""

@@ -63,7 +63,7 @@ def summary(run_dir: str | Path) -> list[dict]:
 def figure(run_dir: str | Path, path: str | Path, dpi: int = 90) -> None:
     """λ_max against steps for each step size with its 2/η line, and the training
     loss beneath."""
-    from matplotlib.figure import Figure
+    from experiments.report import Figure
 
     from experiments.sweep import Results
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import landscape as ls
-from experiments.studies import _pieces as P
+from experiments import studies
 
 NAME = "gradient_flow"
 SWEEP = False
@@ -50,23 +50,23 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
-    P.positive_int(cfg, "width", "num_examples")
-    P.check(isinstance(cfg["depth"], int) and cfg["depth"] >= 3,
+    studies.positive_int(cfg, "width", "num_examples")
+    studies.check(isinstance(cfg["depth"], int) and cfg["depth"] >= 3,
             f"depth must be an integer >= 3, got {cfg['depth']!r}")
     a = cfg["activations"]
-    P.check(isinstance(a, list) and a and all(x in ACTIVATIONS for x in a),
+    studies.check(isinstance(a, list) and a and all(x in ACTIVATIONS for x in a),
             f"activations must be a non-empty list drawn from {', '.join(ACTIVATIONS)}, "
             f"got {a!r}")
     g = cfg["gains"]
-    P.check(isinstance(g, list) and g and all(P.number(x) and x > 0 for x in g),
+    studies.check(isinstance(g, list) and g and all(studies.number(x) and x > 0 for x in g),
             f"gains must be a non-empty list of numbers > 0, got {g!r}")
     s = cfg["skips"]
-    P.check(isinstance(s, list) and s and all(isinstance(x, bool) for x in s),
+    studies.check(isinstance(s, list) and s and all(isinstance(x, bool) for x in s),
             f"skips must be a non-empty list of true/false, got {s!r}")
-    P.check(P.number(cfg["branch_scale"]) and cfg["branch_scale"] >= 0,
+    studies.check(studies.number(cfg["branch_scale"]) and cfg["branch_scale"] >= 0,
             f"branch_scale must be a number >= 0, got {cfg['branch_scale']!r}")
-    P.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
-    P.check(cfg["num_examples"] <= 4000, "num_examples must be at most 4000 (MNIST-1D)")
+    studies.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
+    studies.check(cfg["num_examples"] <= 4000, "num_examples must be at most 4000 (MNIST-1D)")
 
 
 def init(key, sizes, activation: str, gain: float) -> list[dict]:
@@ -148,18 +148,18 @@ def run(cfg: dict, run_dir: Path, log) -> None:
         for gain in cfg["gains"]:
             for skip in cfg["skips"]:
                 k = key_of(act, gain, skip)
-                out = P.piece(run_dir, k, lambda: measure(cfg, act, gain, skip, batch), log)
+                out = studies.piece(run_dir, k, lambda: measure(cfg, act, gain, skip, batch), log)
                 log(f"{k}: error first/last {out['error_ratio']:.3g}, parameter-gradient "
                     f"first/last {out['param_ratio']:.3g}")
 
 
 def report(run_dir: Path) -> list[str]:
-    from matplotlib.figure import Figure
+    from experiments.report import Figure
 
     from experiments import studies
 
     cfg = studies.load_json(Path(run_dir) / "config.json")
-    res = P.results(run_dir)
+    res = studies.results(run_dir)
     acts = cfg["activations"]
     fig = Figure(figsize=(3.6 * len(acts), 6.2), layout="constrained")
     axes = fig.subplots(2, len(acts), squeeze=False, sharex=True)

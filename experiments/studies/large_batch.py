@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
+from experiments.report import Figure
 
 from experiments.studies import _summary as S
 

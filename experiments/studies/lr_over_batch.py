@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+from experiments.report import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
+from experiments.report import Figure
 from scipy import stats
 
 from experiments.studies import _summary as S

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import landscape as ls
-from experiments.studies import _pieces as P
+from experiments import studies
 
 NAME = "plateaus"
 SWEEP = False
@@ -52,21 +52,21 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
-    P.positive_int(cfg, "dim", "num_examples", "steps", "record_every")
-    P.positive_number(cfg, "init_strength", "learning_rate")
+    studies.positive_int(cfg, "dim", "num_examples", "steps", "record_every")
+    studies.positive_number(cfg, "init_strength", "learning_rate")
     s = cfg["singular_values"]
-    P.check(isinstance(s, list) and s and all(P.number(x) and x > 0 for x in s)
+    studies.check(isinstance(s, list) and s and all(studies.number(x) and x > 0 for x in s)
             and len(set(s)) == len(s) and len(s) <= cfg["dim"],
             f"singular_values must be distinct numbers > 0, at most dim of them; got {s!r}")
-    P.check(cfg["init_strength"] < min(s) / 2, "init_strength must be below half the "
+    studies.check(cfg["init_strength"] < min(s) / 2, "init_strength must be below half the "
                                                 "smallest singular value")
     d = cfg["depths"]
-    P.check(isinstance(d, list) and d and all(isinstance(x, int) and x >= 1 for x in d),
+    studies.check(isinstance(d, list) and d and all(isinstance(x, int) and x >= 1 for x in d),
             f"depths must be a non-empty list of integers >= 1, got {d!r}")
-    P.check(cfg["num_examples"] >= cfg["dim"], "num_examples must be at least dim "
+    studies.check(cfg["num_examples"] >= cfg["dim"], "num_examples must be at least dim "
                                                "(whitened inputs)")
-    P.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
-    P.check(isinstance(cfg["random_init"], bool), "random_init must be true or false")
+    studies.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
+    studies.check(isinstance(cfg["random_init"], bool), "random_init must be true or false")
 
 
 def _orthogonal(rng, n):
@@ -182,24 +182,24 @@ def predicted_stage_time(s: float, eps0: float, depth: int, learning_rate: float
 
 def run(cfg: dict, run_dir: Path, log) -> None:
     for depth in cfg["depths"]:
-        out = P.piece(run_dir, f"depth/{depth}", lambda: train(cfg, depth), log)
+        out = studies.piece(run_dir, f"depth/{depth}", lambda: train(cfg, depth), log)
         pred = [predicted_stage_time(s, cfg["init_strength"], depth, cfg["learning_rate"])
                 for s in cfg["singular_values"]]
         log(f"depth {depth}: stage times {out['stage_times']} (predicted "
             f"{[round(p, 1) for p in pred]})")
         if cfg["random_init"]:
-            out = P.piece(run_dir, f"random/{depth}", lambda: train(cfg, depth, "random"),
+            out = studies.piece(run_dir, f"random/{depth}", lambda: train(cfg, depth, "random"),
                           log)
             log(f"depth {depth}, random init: stage times {out['stage_times']}")
 
 
 def report(run_dir: Path) -> list[str]:
-    from matplotlib.figure import Figure
+    from experiments.report import Figure
 
     from experiments import studies
 
     cfg = studies.load_json(Path(run_dir) / "config.json")
-    res = P.results(run_dir)
+    res = studies.results(run_dir)
     sv, eps, lr = cfg["singular_values"], cfg["init_strength"], cfg["learning_rate"]
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)

@@ -218,24 +218,24 @@ def validate(cfg: dict) -> None:
         for key in ("steps",) + (("num_examples",) if which == "quadratic" else ()):
             check(isinstance(p[key], int) and p[key] > 0,
                   f"{which}.{key} must be a positive integer, got {p[key]!r}")
-        check(_number(p["tolerance"]) and p["tolerance"] > 0,
+        check(studies.number(p["tolerance"]) and p["tolerance"] > 0,
               f"{which}.tolerance must be a number > 0, got {p['tolerance']!r}")
         for key in ("start",) + (("minimum",) if which == "quadratic" else ()):
-            check(isinstance(p[key], list) and len(p[key]) == 2 and all(map(_number, p[key])),
+            check(isinstance(p[key], list) and len(p[key]) == 2 and all(map(studies.number, p[key])),
                   f"{which}.{key} must be two numbers, got {p[key]!r}")
         for name in names:
             lr = p["learning_rates"][name]
-            check(isinstance(lr, list) and len(lr) == 2 and all(map(_number, lr))
+            check(isinstance(lr, list) and len(lr) == 2 and all(map(studies.number, lr))
                   and 0 < lr[0] <= lr[1],
                   f"{which}.learning_rates.{name} must be [low, high] with 0 < low <= high, "
                   f"got {lr!r}")
     q = cfg["quadratic"]
     ev = q["eigenvalues"]
-    check(isinstance(ev, list) and len(ev) == 2 and all(_number(e) and e > 0 for e in ev),
+    check(isinstance(ev, list) and len(ev) == 2 and all(studies.number(e) and e > 0 for e in ev),
           f"quadratic.eigenvalues must be two positive numbers, got {ev!r}")
-    check(_number(q["angle"]), f"quadratic.angle must be a number, got {q['angle']!r}")
+    check(studies.number(q["angle"]), f"quadratic.angle must be a number, got {q['angle']!r}")
     check(q["num_examples"] >= 2, "quadratic.num_examples must be at least 2")
-    check(_number(cfg["rosenbrock"]["b"]) and cfg["rosenbrock"]["b"] > 0,
+    check(studies.number(cfg["rosenbrock"]["b"]) and cfg["rosenbrock"]["b"] > 0,
           f"rosenbrock.b must be a number > 0, got {cfg['rosenbrock']['b']!r}")
     for name in names:
         hyper = cfg["hyper"][name]
@@ -247,10 +247,6 @@ def validate(cfg: dict) -> None:
                 tx.make(name, learning_rate=0.1, **hyper)
         except (ValueError, TypeError) as e:
             check(False, f"hyper.{name}: {e}")
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def learning_rate_grid(cfg: dict, which: str, name: str) -> np.ndarray:
@@ -294,7 +290,7 @@ COLORS = {"sgd": "tab:blue", "momentum": "tab:orange", "adam": "tab:green",
 
 
 def _panel(ax, cfg, which, results):
-    from matplotlib.colors import LogNorm
+    from experiments.report import matplotlib
 
     loss_fn, batch, _, _ = problem(cfg, which)
     paths = [np.asarray(r["path"]) for r in results.values()]
@@ -309,7 +305,7 @@ def _panel(ax, cfg, which, results):
     z = jax.vmap(jax.vmap(lambda w: loss_fn(as_params(w), batch)))(grid)
     z = np.asarray(z) + 1e-8
     levels = np.geomspace(z.min(), z.max(), 16)
-    ax.contourf(us, vs, z, levels=levels, norm=LogNorm(), cmap="Greys_r", alpha=0.8)
+    ax.contourf(us, vs, z, levels=levels, norm=matplotlib.colors.LogNorm(), cmap="Greys_r", alpha=0.8)
     ax.contour(us, vs, z, levels=levels, colors="white", linewidths=0.4)
     for name, r in results.items():
         p = np.asarray(r["path"])
@@ -330,7 +326,7 @@ def _panel(ax, cfg, which, results):
 
 
 def report(run_dir: Path) -> list[str]:
-    from matplotlib.figure import Figure
+    from experiments.report import Figure
 
     cfg = studies.load_json(Path(run_dir) / "config.json")
     done = studies.load_json(Path(run_dir) / studies.RESULTS, {})

@@ -233,7 +233,7 @@ def rows(run_dir: Path) -> tuple[dict, dict, list[dict]]:
 
 
 def report(run_dir: Path) -> list[str]:
-    from matplotlib.figure import Figure
+    from experiments.report import Figure
 
     cfg, done, measured = rows(run_dir)
     if not measured or "blocks" not in done:

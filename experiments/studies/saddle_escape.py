@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from experiments import studies
 
-from experiments.studies import _pieces as P
 
 NAME = "saddle_escape"
 SWEEP = False
@@ -52,22 +52,22 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
-    P.positive_int(cfg, "dim", "max_steps", "seeds", "perturb_interval")
-    P.check(cfg["dim"] >= 2, "dim must be at least 2")
-    P.positive_number(cfg, "stable_curvature", "unstable_curvature", "radius",
+    studies.positive_int(cfg, "dim", "max_steps", "seeds", "perturb_interval")
+    studies.check(cfg["dim"] >= 2, "dim must be at least 2")
+    studies.positive_number(cfg, "stable_curvature", "unstable_curvature", "radius",
                       "learning_rate", "noise", "perturb_radius", "perturb_gradient")
     for key in ("quartic", "stable_offset", "momentum"):
-        P.check(P.number(cfg[key]) and cfg[key] >= 0, f"{key} must be a number >= 0, "
+        studies.check(studies.number(cfg[key]) and cfg[key] >= 0, f"{key} must be a number >= 0, "
                                                        f"got {cfg[key]!r}")
-    P.check(cfg["momentum"] < 1, "momentum must be below 1")
-    P.check(cfg["stable_offset"] < cfg["radius"], "stable_offset must be below radius")
+    studies.check(cfg["momentum"] < 1, "momentum must be below 1")
+    studies.check(cfg["stable_offset"] < cfg["radius"], "stable_offset must be below radius")
     d = cfg["distances"]
-    P.check(isinstance(d, list) and d and all(P.number(x) and 0 < x < cfg["radius"]
+    studies.check(isinstance(d, list) and d and all(studies.number(x) and 0 < x < cfg["radius"]
                                               for x in d),
             f"distances must be a non-empty list of numbers in (0, radius), got {d!r}")
-    P.check(isinstance(cfg["include_zero"], bool), "include_zero must be true or false")
+    studies.check(isinstance(cfg["include_zero"], bool), "include_zero must be true or false")
     m = cfg["methods"]
-    P.check(isinstance(m, list) and m and all(x in METHODS for x in m),
+    studies.check(isinstance(m, list) and m and all(x in METHODS for x in m),
             f"methods must be a non-empty list drawn from {', '.join(METHODS)}, got {m!r}")
 
 
@@ -158,17 +158,17 @@ def log_slope(distances, steps) -> float:
 
 def run(cfg: dict, run_dir: Path, log) -> None:
     for method in cfg["methods"]:
-        out = P.piece(run_dir, method, lambda: run_method(cfg, method), log)
+        out = studies.piece(run_dir, method, lambda: run_method(cfg, method), log)
         log(f"{method}: median steps {out['median']}")
 
 
 def report(run_dir: Path) -> list[str]:
-    from matplotlib.figure import Figure
+    from experiments.report import Figure
 
     from experiments import studies
 
     cfg = studies.load_json(Path(run_dir) / "config.json")
-    res = P.results(run_dir)
+    res = studies.results(run_dir)
     pos = [x for x in cfg["distances"]]
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()

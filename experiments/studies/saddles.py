@@ -27,7 +27,7 @@ import numpy as np
 import jax.flatten_util
 
 import landscape as ls
-from experiments.studies import _pieces as P
+from experiments import studies
 
 NAME = "saddles"
 SWEEP = False
@@ -49,20 +49,20 @@ DEFAULTS = {
 
 
 def validate(cfg: dict) -> None:
-    P.positive_int(cfg, "num_examples", "hidden", "train_steps", "checkpoints")
-    P.positive_number(cfg, "learning_rate", "perturb_scale")
-    P.check(isinstance(cfg["perturbations"], int) and cfg["perturbations"] >= 0,
+    studies.positive_int(cfg, "num_examples", "hidden", "train_steps", "checkpoints")
+    studies.positive_number(cfg, "learning_rate", "perturb_scale")
+    studies.check(isinstance(cfg["perturbations"], int) and cfg["perturbations"] >= 0,
             f"perturbations must be an integer >= 0, got {cfg['perturbations']!r}")
-    P.check(P.number(cfg["weight_decay"]) and cfg["weight_decay"] >= 0,
+    studies.check(studies.number(cfg["weight_decay"]) and cfg["weight_decay"] >= 0,
             f"weight_decay must be a number >= 0, got {cfg['weight_decay']!r}")
-    P.check(cfg["num_examples"] <= 4000, "num_examples must be at most 4000 (MNIST-1D)")
-    P.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
+    studies.check(cfg["num_examples"] <= 4000, "num_examples must be at most 4000 (MNIST-1D)")
+    studies.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
     f = cfg["finder"]
-    P.check(f["method"] in ls.critical.METHODS,
+    studies.check(f["method"] in ls.critical.METHODS,
             f"finder.method must be one of {', '.join(ls.critical.METHODS)}, "
             f"got {f['method']!r}")
-    P.positive_int(f, "steps", "cg_steps")
-    P.positive_number(f, "tol_relative", "damping", "index_rtol")
+    studies.positive_int(f, "steps", "cg_steps")
+    studies.positive_number(f, "tol_relative", "damping", "index_rtol")
 
 
 def data(cfg: dict):
@@ -161,7 +161,7 @@ def run(cfg: dict, run_dir: Path, log) -> None:
     tol = tolerance(cfg, loss_fn, batch)
     log(f"{len(points)} starts; finding critical points (‖∇L‖ <= {tol:.3g})")
     for i, (point, w) in enumerate(zip(points, where)):
-        out = P.piece(run_dir, f"start/{i}", lambda: {**w, **find(cfg, loss_fn, point,
+        out = studies.piece(run_dir, f"start/{i}", lambda: {**w, **find(cfg, loss_fn, point,
                                                                    batch, tol)}, log)
         log(f"start {i} (step {w['step']}{', perturbed' if w['perturbed'] else ''}): "
             f"loss {out['loss']:.4f}, |g| {out['grad_norm']:.2e}"
@@ -181,13 +181,13 @@ def rank_correlations(points: list[dict]) -> dict:
 
 
 def points_of(run_dir: Path) -> list[dict]:
-    res = P.results(run_dir)
+    res = studies.results(run_dir)
     return [res[k] for k in sorted(res, key=lambda k: int(k.split("/")[1]))
             if k.startswith("start/")]
 
 
 def report(run_dir: Path) -> list[str]:
-    from matplotlib.figure import Figure
+    from experiments.report import Figure
 
     from experiments import studies
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
+from experiments.report import Figure
 
 from experiments.studies import _summary as S
 

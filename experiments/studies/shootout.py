@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib.figure import Figure
+from experiments.report import Figure
 
 import transforms as tx
 from experiments import studies

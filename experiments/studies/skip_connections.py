@@ -225,7 +225,7 @@ def summary(cfg: dict, done: dict) -> dict:
 
 
 def report(run_dir: Path) -> list[str]:
-    from matplotlib.figure import Figure
+    from experiments.report import Figure
 
     from landscape import plot
 
