@@ -25,26 +25,32 @@ SHORTHANDS = {"batch_size": "train.batch_size", "learning_rate": "optimizer.lear
 # Values that may differ inside one compiled group (they are vmapped): the learning
 # rate, the seed, and any optimizer hyper-parameter swept over floats. Everything else
 # that varies (shapes, names, integers such as refresh intervals) starts a new group.
-ALWAYS_VMAPPED = ("optimizer.learning_rate", "train.seed")
+ALWAYS_VMAPPED = ("optimizer.learning_rate", "train.seed", "train.l2")
 
 DEFAULTS: dict[str, Any] = {
     "name": "study",
     "description": "",
     "study": "sweep",
-    "data": {"name": "mnist1d", "num_train": 4000, "num_test": 1000, "seed": 0},
+    "data": {"name": "mnist1d", "num_train": 4000, "num_test": 1000, "seed": 0,
+             "label_noise": 0.0},
     "model": {"name": "mlp", "hidden": [100, 100], "activation": "relu",
               "channels": [16, 32, 32], "kernel_size": 5, "width": 16, "depth": 4,
               "skip": True},
     "optimizer": {"name": "sgd", "learning_rate": 0.1},
     "train": {"batch_size": 128, "seed": 0, "steps": 1000, "epochs": 0,
               "until_train_loss": 0.0, "record_every": 100, "loss": "cross_entropy",
-              "diverge_above": 100.0},
+              "diverge_above": 100.0, "l2": 0.0},
     "measure": {"num_examples": 1000, "chunk_size": 1000, "measures": ["lambda_max"],
                 "rho": 0.05, "adaptive_rho": 0.5, "ascent_steps": 10, "random_trials": 8,
                 "keskar_epsilon": 1e-3, "pac_bayes_threshold": 0.1, "lanczos_steps": 20,
                 "trace_probes": 30},
+    # Curvature along training (see docs/notes/runner_recording.md); every = 0: off.
+    "record": {"every": 0, "measures": ["lambda_max"], "num_examples": 1000,
+               "chunk_size": 1000, "lanczos_steps": 20, "probes": 10, "index_steps": 80},
     "sweep": {},
 }
+
+RECORD_MEASURES = ("lambda_max", "lambda_min", "index", "grad_norms", "noise_scale")
 
 MEASURES = ("lambda_max", "trace", "worst_case", "adaptive", "random", "keskar",
             "pac_bayes", "noise_scale")
@@ -201,6 +207,7 @@ def validate(cfg: dict) -> None:
            f"train.diverge_above must be a number > 0, got {tr['diverge_above']!r}")
     _check(tr["loss"] in ("cross_entropy", "mse"),
            f"train.loss must be 'cross_entropy' or 'mse', got {tr['loss']!r}")
+    _check_recording(cfg)
     ms = cfg["measure"]
     _check(isinstance(ms["measures"], list) and all(m in MEASURES for m in ms["measures"]),
            f"measure.measures must be a list drawn from {', '.join(MEASURES)}; "
@@ -229,7 +236,32 @@ def validate(cfg: dict) -> None:
         lr = member.get("optimizer.learning_rate")
         _check(_is_number(lr) and lr > 0, f"optimizer.learning_rate must be > 0, got {lr!r}")
         _check(isinstance(member.get("train.seed"), int), "train.seed must be an integer")
+        l2 = member.get("train.l2")
+        _check(_is_number(l2) and l2 >= 0, f"train.l2 must be a number >= 0, got {l2!r}")
+        noise = member.get("data.label_noise")
+        _check(_is_number(noise) and 0 <= noise <= 1,
+               f"data.label_noise must be a number in [0, 1], got {noise!r}")
     _check_optimizers(cfg)
+
+
+def _check_recording(cfg: dict) -> None:
+    rec, every = cfg["record"], cfg["record"]["every"]
+    for key in ("every", "num_examples", "chunk_size", "lanczos_steps", "probes",
+                "index_steps"):
+        v = rec[key]
+        _check(isinstance(v, int) and not isinstance(v, bool)
+               and v >= (0 if key == "every" else 1),
+               f"record.{key} must be a {'non-negative' if key == 'every' else 'positive'} "
+               f"integer, got {v!r}")
+    _check(every % cfg["train"]["record_every"] == 0,
+           f"record.every ({every}) must be a multiple of train.record_every "
+           f"({cfg['train']['record_every']})")
+    _check(isinstance(rec["measures"], list) and len(rec["measures"]) > 0 and all(
+        m in RECORD_MEASURES for m in rec["measures"]),
+           f"record.measures must be a non-empty list drawn from "
+           f"{', '.join(RECORD_MEASURES)}; got {rec['measures']!r}")
+    _check("noise_scale" not in rec["measures"] or rec["num_examples"] > 1,
+           "record.num_examples must be at least 2 to record noise_scale")
 
 
 def _check_optimizers(cfg: dict) -> None:

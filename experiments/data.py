@@ -66,3 +66,47 @@ def teacher_student(num_train: int = 512, num_test: int = 256, *, dim: int = 20,
     x = rng.normal(size=(num_train + num_test, dim)).astype(np.float32)
     y = np.argmax(np.tanh(x @ w1) @ w2, axis=1).astype(np.int32)
     return Dataset(x[:num_train], y[:num_train], x[num_train:], y[num_train:])
+
+
+class NoisyLabels(NamedTuple):
+    """labels: the new labels, int32 `(N,)`; redrawn: bool `(N,)`, the examples whose
+    label was redrawn (about 1/num_classes of them drew their old class again)."""
+
+    labels: np.ndarray
+    redrawn: np.ndarray
+
+
+def randomize_labels(labels: np.ndarray, fraction: float, num_classes: int,
+                     seed: int = 0) -> NoisyLabels:
+    """Redraw the labels of a random `fraction` of the examples uniformly over all classes.
+
+    This is the corruption of Zhang et al. 2017 ("Understanding deep learning requires
+    rethinking generalization"): exactly `round(fraction · N)` examples, chosen without
+    replacement, get a label drawn uniformly from the `num_classes` classes,
+    independently of the input and of the old label. A redrawn label keeps its old
+    value with probability 1/num_classes, so the fraction of labels that *change* is
+    about `fraction · (num_classes − 1) / num_classes`; at `fraction = 1` the labels are
+    independent of the inputs (drawing only from the *other* classes would leak
+    information about the true class). Balanced classes stay balanced in expectation.
+    Deterministic given `seed`.
+
+    Example:
+      >>> noisy = randomize_labels(data.y_train, 0.2, 10, seed=0)
+      >>> noisy.redrawn.mean(), (noisy.labels != data.y_train).mean()   # 0.2, ~0.18
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"`labels` must be a 1-D integer array; got shape {labels.shape} "
+                         f"and dtype {labels.dtype}.")
+    if isinstance(fraction, bool) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"`fraction` must be a number in [0, 1]; got {fraction!r}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"`num_classes` must be an integer >= 2; got {num_classes!r}.")
+    rng = np.random.default_rng([seed, 0x1abe1])  # a stream of its own for this use
+    n = labels.shape[0]
+    chosen = rng.permutation(n)[: int(round(fraction * n))]
+    redrawn = np.zeros(n, bool)
+    redrawn[chosen] = True
+    out = labels.astype(np.int32).copy()
+    out[chosen] = rng.integers(0, num_classes, size=chosen.shape[0])
+    return NoisyLabels(out, redrawn)

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments import config as cfglib
-from experiments.data import mnist1d, teacher_student
+from experiments.data import mnist1d, randomize_labels, teacher_student
 from experiments.measure import make_measure_program
 from experiments.store import Store
 from experiments.train import (
@@ -34,6 +34,7 @@ from experiments.train import (
     build_model,
     loss_function,
     make_group_program,
+    record_steps,
     total_steps,
 )
 
@@ -84,8 +85,9 @@ def _shard(tree: Any, mesh: Mesh | None) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("members")))
 
 
-def _load_data(cfg: dict):
-    d = cfg["data"]
+def _load_data(d: dict):
+    """The `[data]` table's train and test sets as device arrays (labels of the training
+    set randomized when `label_noise` > 0; the test labels never are)."""
     if d["name"] == "teacher_student":
         data = teacher_student(d["num_train"], d["num_test"], seed=d["seed"])
     else:
@@ -94,8 +96,11 @@ def _load_data(cfg: dict):
         raise cfglib.ConfigError(
             f"data.num_train must be in 1..{len(data.y_train)} and data.num_test in "
             f"1..{len(data.y_test)}; got {d['num_train']} and {d['num_test']}")
-    train = (jnp.asarray(data.x_train[: d["num_train"]]),
-             jnp.asarray(data.y_train[: d["num_train"]]))
+    y_train = data.y_train[: d["num_train"]]
+    if d.get("label_noise", 0.0) > 0:
+        y_train = randomize_labels(y_train, float(d["label_noise"]), data.num_classes,
+                                   seed=d["seed"]).labels
+    train = (jnp.asarray(data.x_train[: d["num_train"]]), jnp.asarray(y_train))
     test = (jnp.asarray(data.x_test[: d["num_test"]]), jnp.asarray(data.y_test[: d["num_test"]]))
     return train, test, data.num_classes
 
@@ -140,16 +145,20 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
     bar = _progress(steps, f"batch {batch_size}", progress)
     callback = None if bar is None else (lambda r: bar.update(
         min(train_cfg["record_every"], steps - bar.n)))
+    record_cfg = first.config.get("record")
     program = make_group_program(model, opt_cfg, train_cfg, batch_size, *train,
-                                 on_window=callback)
+                                 on_window=callback, test=test, record_cfg=record_cfg)
+    # A swept L2 coefficient is vmapped like the learning rate; a fixed one is a constant.
+    l2 = (_shard(jnp.asarray([mb.get("train.l2") for mb in padded], jnp.float32), mesh)
+          if "train.l2" in cfglib.vmapped_paths(cfg) else None)
     t0 = time.perf_counter()
-    compiled = program.lower(hyper, seeds).compile()
+    compiled = program.lower(hyper, seeds, l2).compile()
     compile_seconds = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(hyper, seeds))
+    out = jax.block_until_ready(compiled(hyper, seeds, l2))
     if bar is not None:
         bar.close()
     measure_key = json.dumps([first.config["model"], first.config["measure"],
-                              train_cfg["loss"]], sort_keys=True)
+                              first.config["data"], train_cfg["loss"]], sort_keys=True)
     if measure_key not in cache:
         loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
         cache[measure_key] = make_measure_program(model.apply_fn, loss_fn,
@@ -160,7 +169,12 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
 
     status, taken, curve = (np.asarray(a) for a in jax.device_get(
         (out.status, out.steps, out.curve)))
+    windows = {"train_loss": curve, "test_loss": np.asarray(out.test_loss),
+               "test_accuracy": np.asarray(out.test_accuracy)}
+    records = {k: np.asarray(v) for k, v in jax.device_get(out.records).items()}
+    at = record_steps(train_cfg, record_cfg, train[0].shape[0], batch_size)
     every = train_cfg["record_every"]
+    ends = [min((r + 1) * every, steps) for r in range(curve.shape[1])]
     target = float(train_cfg["until_train_loss"])
     rows = []
     for i, mb in enumerate(members):
@@ -168,13 +182,19 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
         values = {k: float(v[i]) for k, v in measures.items()}
         if name == "diverged":
             values = {k: math.nan for k in values}
+        # Early stopping's record, kept for diverged members too (it predates divergence).
+        acc = windows["test_accuracy"][i]
+        best = int(np.nanargmax(acc)) if np.any(np.isfinite(acc)) else None
+        values["best_test_accuracy"] = math.nan if best is None else float(acc[best])
+        values["best_test_step"] = math.nan if best is None else float(ends[best])
+        curves = {k: [(ends[r], float(v[i, r])) for r in range(v.shape[1])
+                      if not math.isnan(v[i, r])] for k, v in windows.items()}
+        curves.update({k: [(at[j], float(v[i, j])) for j in range(v.shape[1])
+                           if not math.isnan(v[i, j])] for k, v in records.items()})
         rows.append({
             "index": mb.index,
             "point": {k: mb.get(cfglib.SHORTHANDS.get(k, k)) for k in cfg["sweep"]},
-            "status": name, "steps": int(taken[i]), "measures": values,
-            "curves": {"train_loss": [(min((r + 1) * every, steps), curve[i, r])
-                                      for r in range(curve.shape[1])
-                                      if not math.isnan(curve[i, r])]},
+            "status": name, "steps": int(taken[i]), "measures": values, "curves": curves,
         })
     return rows, seconds, compile_seconds
 
@@ -213,7 +233,6 @@ def run(config: dict | str | None = None, *, overrides: list[str] = (),
     if studies.is_custom(cfg):
         studies.get(cfg["study"]).run(cfg, path, log)
         return Results(path)
-    train, test, num_classes = _load_data(cfg)
     groups = cfglib.groups(cfg)
     mine = list(groups.items())[jax.process_index()::jax.process_count()]
     with Store(path / "results.sqlite") as store:
@@ -227,7 +246,13 @@ def run(config: dict | str | None = None, *, overrides: list[str] = (),
             from tqdm import tqdm
             bar = tqdm(total=len(todo), desc="groups", unit="group", file=sys.stderr)
         cache: dict = {}
+        datasets: dict = {}
         for key, members in todo:
+            # Data keys may be swept (label noise, training-set size): load per group.
+            data_key = json.dumps(members[0].config["data"], sort_keys=True)
+            if data_key not in datasets:
+                datasets[data_key] = _load_data(members[0].config["data"])
+            train, test, num_classes = datasets[data_key]
             rows, seconds, compile_seconds = run_group(cfg, key, members, train, test,
                                                        num_classes, progress, cache)
             store.write_group(key, rows, seconds, compile_seconds)
