@@ -128,8 +128,8 @@ def report(run_dir) -> list[str]:
              "|---|---|---|---|---|---|"]
     for r in rows:
         fit = s_min * (1 + b_noise / r["batch_size"]) if np.isfinite(b_noise) else math.nan
-        lines.append(f"| {r['batch_size']} | {r['learning_rate']:g} | {fmt(r['steps'])} | "
-                     f"{fmt(fit)} | {fmt(float(r['examples']))} | "
+        lines.append(f"| {r['batch_size']} | {r['learning_rate']:g} | {r['steps']:.0f} | "
+                     f"{fit:.0f} | {fmt(float(r['examples']))} | "
                      f"{fmt(r['noise_scale'])} |")
     missing = sorted({r["batch_size"] for r in records} - {r["batch_size"] for r in rows})
     if missing:
