@@ -36,9 +36,10 @@ L2 = "train.l2"
 WD = "optimizer.weight_decay"
 
 
-def pure_settings(records: list[dict]) -> list[dict]:
+def pure_settings(records: list[dict], test_loss: dict | None = None) -> list[dict]:
     """The unregularized cell, the L2-only row and the decoupled-only column of the
-    grid, each with its seed-mean measures (mean, std)."""
+    grid, each with its seed-mean measures (mean, std); with the `test_loss` curves,
+    also the seed-mean curve's lowest value and its step (`min_test_loss`)."""
     out = []
     for (l2, wd), recs in grouped(records, L2, WD).items():
         if l2 > 0 and wd > 0:
@@ -50,6 +51,10 @@ def pure_settings(records: list[dict]) -> list[dict]:
         for key in ("train_loss", "test_accuracy", "best_test_accuracy", "best_test_step",
                     "lambda_max"):
             row[key] = mean_std(r.get(key, math.nan) for r in recs)
+        steps, loss = mean_curve(test_loss or {}, row["members"])
+        row["min_test_loss"] = ((float(loss.min()), int(steps[np.argmin(loss)]))
+                                if loss.size else (math.nan, None))
+        row["final_test_loss"] = float(loss[-1]) if loss.size else math.nan
         out.append(row)
     order = {"none": 0, "L2 in the loss": 1, "decoupled (AdamW)": 2}
     return sorted(out, key=lambda r: (order[r["kind"]], r["strength"]))
@@ -80,7 +85,7 @@ def _figure(results: Results, rows: list[dict], path: Path) -> None:
             best = int(np.argmax(acc)) if acc.size else None
             if best is not None:
                 ax.plot(steps[best], acc[best], "*", color=color, ms=9)
-        ax.set(xlabel="step", ylabel="test accuracy (seed mean)",
+        ax.set(xlabel="step", ylabel="test accuracy (mean over seeds)",
                title=f"{kind}: test accuracy (★ best step)")
         ax.legend(fontsize=8, title="λ" if kind.startswith("L2") else "weight decay",
                   title_fontsize=8)
@@ -102,7 +107,7 @@ def report(run_dir) -> list[str]:
     `regularization.png`."""
     path = Path(run_dir)
     results = Results(path)
-    rows = pure_settings(results.records())
+    rows = pure_settings(results.records(), results.curves("test_loss"))
     _figure(results, rows, path / "regularization.png")
     steps = results.config["train"]["steps"]
     cell = lambda r, key, d=3: ("—" if math.isnan(r[key][0]) else
@@ -112,14 +117,16 @@ def report(run_dir) -> list[str]:
              "stopping's record: the highest test accuracy over the record windows and "
              "the step it was reached.", "",
              "| regularizer | strength | final train loss | final test accuracy | "
-             "best test accuracy | best step | final − best | λ_max |",
-             "|---|---|---|---|---|---|---|---|"]
+             "best test accuracy | best step | final − best | final test loss | "
+             "lowest test loss (step) | λ_max |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         drop = r["test_accuracy"][0] - r["best_test_accuracy"][0]
         lines.append(f"| {r['kind']} | {r['strength']:g} | {cell(r, 'train_loss')} | "
                      f"{cell(r, 'test_accuracy')} | {cell(r, 'best_test_accuracy')} | "
                      f"{fmt(r['best_test_step'][0], 4)} | {fmt(drop, 2)} | "
-                     f"{cell(r, 'lambda_max')} |")
+                     f"{fmt(r['final_test_loss'])} | {fmt(r['min_test_loss'][0])} "
+                     f"({r['min_test_loss'][1]}) | {cell(r, 'lambda_max')} |")
     best = {kind: max((r for r in rows if r["kind"] == kind),
                       key=lambda r: r["test_accuracy"][0], default=None)
             for kind in ("L2 in the loss", "decoupled (AdamW)")}

@@ -60,3 +60,27 @@ def test_pure_settings_reads_the_row_and_the_column():
     assert rows[1]["lambda_max"][0] == pytest.approx(4.5)
     assert rows[2]["test_accuracy"][0] == pytest.approx(0.525)
     assert rows[2]["best_test_step"] == pytest.approx((150.0, 50.0))
+
+
+@pytest.mark.slow
+def test_both_regularizers_raise_test_accuracy_on_a_small_training_set(tmp_path):
+    res = experiments.run("regularization", out=tmp_path / "run", overrides=[
+        "train.steps=2000", "sweep.train.l2=[0.0, 0.01]",
+        "sweep.optimizer.weight_decay=[0.0, 1.0]"])
+    recs = res.records()
+    none, l2, wd = _cell(recs, 0.0, 0.0), _cell(recs, 0.01, 0.0), _cell(recs, 0.0, 1.0)
+    assert none["train_loss"] < 0.05  # the unregularized run fits the training set
+    for r in (l2, wd):
+        assert r["test_accuracy"] > none["test_accuracy"] + 0.02
+        assert r["train_loss"] > 2 * none["train_loss"]
+    # Early stopping's record: the best test accuracy and its step, from the curve.
+    curve = res.curves("test_accuracy")[none["member"]]
+    steps, acc = zip(*curve)
+    assert none["best_test_accuracy"] == pytest.approx(max(acc))
+    assert none["best_test_step"] == steps[int(np.argmax(acc))]
+    rows = reg.pure_settings(recs, res.curves("test_loss"))
+    # Overfitting shows in the test loss: the unregularized run ends above its lowest.
+    assert rows[0]["kind"] == "none"
+    assert rows[0]["final_test_loss"] > 1.2 * rows[0]["min_test_loss"][0]
+    lines = reg.report(res.path)
+    assert any(line.startswith("| L2 in the loss | 0.01 |") for line in lines)
