@@ -61,7 +61,7 @@ def tuned_steps(records: list[dict]) -> list[dict]:
             steps = mean_std(r["steps"] for r in rs)[0]
             if best is None or steps < best["steps"]:
                 best = {"batch_size": bs, "learning_rate": lr, "steps": steps,
-                        "examples": bs * steps,
+                        "examples": bs * steps, "members": [r.get("member") for r in rs],
                         "noise_scale": mean_std(r.get("noise_scale", math.nan)
                                                 for r in rs)[0]}
         if best is not None:
@@ -69,14 +69,31 @@ def tuned_steps(records: list[dict]) -> list[dict]:
     return out
 
 
+def noise_scale_near_target(rows: list[dict], train_loss: dict, noise_scale: dict,
+                            target: float, factor: float = 3.0) -> list[float]:
+    """B_simple recorded along training by the tuned members, at the records where the
+    training loss (the window mean ending there) was between `target` and
+    `factor`·`target`: the noise scale on the way into the target, many readings per
+    member instead of the one at the stopping point."""
+    out = []
+    for row in rows:
+        for member in row["members"]:
+            loss = dict(train_loss.get(member, []))
+            out += [v for step, v in noise_scale.get(member, [])
+                    if step in loss and target <= loss[step] <= factor * target
+                    and np.isfinite(v)]
+    return out
+
+
 def _figure(rows: list[dict], s_min: float, b_noise: float, b_simple: float,
-            path: Path) -> None:
+            path: Path, along: tuple | None = None) -> None:
     b = np.array([r["batch_size"] for r in rows], float)
     s = np.array([r["steps"] for r in rows], float)
     lr = np.array([r["learning_rate"] for r in rows], float)
     grid = np.geomspace(b.min() / 2, b.max() * 2, 200)
-    fig = Figure(figsize=(15, 4))
-    ax_s, ax_e, ax_lr = fig.subplots(1, 3, gridspec_kw={"wspace": 0.3})
+    fig = Figure(figsize=(20 if along else 15, 4))
+    axes = fig.subplots(1, 4 if along else 3, gridspec_kw={"wspace": 0.3})
+    ax_s, ax_e, ax_lr = axes[:3]
     ax_s.plot(b, s, "o", color="tab:blue", label="measured (lr tuned per B)")
     ax_e.plot(b, b * s, "o", color="tab:blue", label="measured")
     if np.isfinite(b_noise):
@@ -100,7 +117,29 @@ def _figure(rows: list[dict], s_min: float, b_noise: float, b_simple: float,
     ax_lr.plot(b, lr, "o-", color="tab:green")
     ax_lr.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="tuned learning rate",
               title="fastest learning rate per batch size")
+    if along:
+        _noise_panel(axes[3], rows, *along, b_noise)
     fig.savefig(path, dpi=90, bbox_inches="tight")
+
+
+def _noise_panel(ax, rows, train_loss, noise_scale, target, b_noise) -> None:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    for k, row in enumerate(rows):
+        for j, member in enumerate(row["members"]):
+            loss = dict(train_loss.get(member, []))
+            pts = [(loss[s], v) for s, v in noise_scale.get(member, []) if s in loss]
+            if pts:
+                ax.plot(*zip(*pts), ".-", color=cmap(k / max(len(rows) - 1, 1)), lw=0.8,
+                        ms=3, label=f"B = {row['batch_size']}" if j == 0 else None)
+    if np.isfinite(b_noise):
+        ax.axhline(b_noise, color="k", ls="--", lw=1, label="fitted B_noise")
+    ax.axvspan(target, 3 * target, color="tab:red", alpha=0.1, label="read here")
+    ax.set(xscale="log", yscale="log", xlabel="training loss (window mean)",
+           ylabel="B_simple", title="noise scale along training (tuned members)")
+    ax.invert_xaxis()
+    ax.legend(fontsize=6, ncol=2)
 
 
 def report(run_dir) -> list[str]:
@@ -113,16 +152,26 @@ def report(run_dir) -> list[str]:
     rows = tuned_steps(records)
     s_min, b_noise = fit_steps_batch([r["batch_size"] for r in rows],
                                      [r["steps"] for r in rows])
-    simple = [r["noise_scale"] for r in rows if np.isfinite(r["noise_scale"])]
+    train_loss, recorded = results.curves("train_loss"), results.curves("noise_scale")
+    along = noise_scale_near_target(rows, train_loss, recorded, target) if recorded else []
+    if along:
+        simple, where = along, (f"recorded along training where the training loss was "
+                                f"between {target:g} and {3 * target:g} (median of "
+                                f"{len(along)} readings by the tuned members; "
+                                f"quartiles {np.percentile(along, 25):.3g} to "
+                                f"{np.percentile(along, 75):.3g})")
+    else:
+        simple = [r["noise_scale"] for r in rows if np.isfinite(r["noise_scale"])]
+        where = "at the target (median over the tuned members)"
     b_simple = float(np.median(simple)) if simple else math.nan
-    _figure(rows, s_min, b_noise, b_simple, path / "critical_batch_size.png")
+    _figure(rows, s_min, b_noise, b_simple, path / "critical_batch_size.png",
+            (train_loss, recorded, target) if recorded else None)
     lines = ["## Critical batch size", "",
              f"Steps S to a training loss of {target:g} at each batch size B, the learning "
              "rate tuned per B to the fewest steps (all seeds converged). Fit "
              f"S = S_min (1 + B_noise/B): S_min = {fmt(s_min)}, B_noise = {fmt(b_noise)}. "
-             f"Gradient noise scale B_simple = tr Σ/|G|² at the target (median over the "
-             f"tuned members): {fmt(b_simple)}"
-             + (f", {b_simple / b_noise:.2g}× the fitted B_noise." if np.isfinite(
+             f"Gradient noise scale B_simple = tr Σ/|G|² {where}: {fmt(b_simple)}"
+             + (f", {b_simple / b_noise:.2f}× the fitted B_noise." if np.isfinite(
                  b_simple / b_noise) else "."), "",
              "| batch size | tuned lr | steps S | fit S | examples E | B_simple at target |",
              "|---|---|---|---|---|---|"]
