@@ -54,6 +54,17 @@ def test_tuned_steps_takes_the_fastest_fully_converged_learning_rate():
     assert rows[0]["examples"] == 32 * 650 and rows[0]["noise_scale"] == 60.0
 
 
+def test_noise_scale_is_read_where_the_loss_is_near_the_target():
+    rows = [{"members": [0, 1]}, {"members": [2]}]
+    train = {0: [(100, 0.9), (200, 0.25), (300, 0.12), (400, 0.09)],
+             1: [(200, 0.31), (400, 0.2)], 2: [(200, 0.1)]}
+    noise = {0: [(0, 1.0), (200, 2.0), (400, 3.0), (300, 7.0)], 1: [(200, 4.0), (400, 5.0)],
+             2: [(200, math.nan)]}
+    # Member 0 at steps 200 and 300 (loss 0.25, 0.12 in [0.1, 0.3]); member 1 at 400;
+    # member 2's reading is not finite.
+    assert sorted(cbs.noise_scale_near_target(rows, train, noise, 0.1)) == [2.0, 5.0, 7.0]
+
+
 @pytest.mark.slow
 def test_steps_fall_with_batch_size_then_saturate(tmp_path):
     res = experiments.run("critical_batch_size", out=tmp_path / "run", overrides=[
@@ -70,6 +81,9 @@ def test_steps_fall_with_batch_size_then_saturate(tmp_path):
     assert 0 < s_min < s[512] and 32 < b_noise < 2048
     simple = np.median([r["noise_scale"] for r in rows])
     assert b_noise / 10 < simple < 10 * b_noise
+    along = cbs.noise_scale_near_target(rows, res.curves("train_loss"),
+                                        res.curves("noise_scale"), 0.3)
+    assert len(along) >= 3 and b_noise / 10 < np.median(along) < 10 * b_noise
     lines = cbs.report(res.path)
     assert any(f"B_noise = {b_noise:.3g}" in line for line in lines)
     assert (res.path / "critical_batch_size.png").stat().st_size > 10_000
