@@ -11,8 +11,9 @@ The config sweeps batch size × learning rate (× seed) with plain SGD at a cons
 learning rate and stops each member when its training loss reaches
 `train.until_train_loss`. For each batch size the learning rate is tuned to the fewest
 steps (as in the paper); the hyperbola is fitted to those S(B), and its B_noise is set
-beside the `noise_scale` measure, B_simple at the point where each tuned member reached
-the target (the runner measures after training stops).
+beside B_simple: recorded along training (`[record]` with `noise_scale`) and read
+where the tuned members' training loss was within 1–3× the target, or, without
+records, the `noise_scale` measure at the point where each tuned member stopped.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def report(run_dir) -> list[str]:
              f"Gradient noise scale B_simple = tr Σ/|G|² {where}: {fmt(b_simple)}"
              + (f", {b_simple / b_noise:.2f}× the fitted B_noise." if np.isfinite(
                  b_simple / b_noise) else "."), "",
-             "| batch size | tuned lr | steps S | fit S | examples E | B_simple at target |",
+             "| batch size | tuned lr | steps S | fit S | examples E | B_simple where it stopped |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         fit = s_min * (1 + b_noise / r["batch_size"]) if np.isfinite(b_noise) else math.nan
