@@ -3,7 +3,6 @@ are the same update, for Adam they are not; the study's table reads the pure-L2 
 and the pure-decoupled column of the grid; on a reduced budget decoupled weight decay
 changes where Adam ends more than the same-size L2 penalty does."""
 
-import math
 
 import numpy as np
 import pytest
