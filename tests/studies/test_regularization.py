@@ -1,8 +1,7 @@
 """Regularization: for SGD the runner's L2 penalty and the optimizer's weight decay
 are the same update, for Adam they are not; the study's table reads the pure-L2 row
-and the pure-decoupled column of the grid; on a reduced budget decoupled weight decay
-changes where Adam ends more than the same-size L2 penalty does."""
-
+and the pure-decoupled column of the grid; on a reduced budget both raise Adam's test
+accuracy on a small training set, and the unregularized run overfits in test loss."""
 
 import numpy as np
 import pytest
