@@ -145,6 +145,8 @@ def load(name_or_path: str | None = None, overrides: list[str] = ()) -> dict:
     cfg = _merge(defaults(raw.get("study", "sweep")), raw)
     for text in overrides:
         key, value = parse_override(text)
+        if key.startswith("sweep.") and "sweep" not in cfg:
+            raise ConfigError(f"'{key}': study '{cfg['study']}' has no [sweep] table")
         if key.startswith("sweep."):  # sweep keys are dotted paths themselves
             cfg["sweep"][key[len("sweep."):]] = value
         else:

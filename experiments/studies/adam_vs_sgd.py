@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
+from experiments.report import Figure
 
 from experiments.studies._aggregate import fmt, grouped, mean_curve, mean_std, pm
 from experiments.sweep import Results

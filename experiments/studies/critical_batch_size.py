@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
+from experiments.report import Figure
 
 from experiments.studies._aggregate import fmt, grouped, mean_std
 from experiments.sweep import Results
@@ -124,9 +124,9 @@ def _figure(rows: list[dict], s_min: float, b_noise: float, b_simple: float,
 
 
 def _noise_panel(ax, rows, train_loss, noise_scale, target, b_noise) -> None:
-    from matplotlib import colormaps
+    from experiments.report import matplotlib
 
-    cmap = colormaps["viridis"]
+    cmap = matplotlib.colormaps["viridis"]
     for k, row in enumerate(rows):
         for j, member in enumerate(row["members"]):
             loss = dict(train_loss.get(member, []))

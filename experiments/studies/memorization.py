@@ -24,8 +24,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
+from experiments.report import matplotlib
+from experiments.report import Figure
 
 from experiments.studies._aggregate import fmt, grouped, mean_curve, mean_std
 from experiments.sweep import Results
@@ -77,7 +77,7 @@ def _figure(results: Results, rows: list[dict], path: Path) -> None:
     test = results.curves("test_accuracy")
     fig = Figure(figsize=(15, 4))
     ax_loss, ax_acc, ax_sharp = fig.subplots(1, 3, gridspec_kw={"wspace": 0.3})
-    cmap = colormaps["plasma"]
+    cmap = matplotlib.colormaps["plasma"]
     by_noise = grouped(records, NOISE)
     for k, ((noise,), recs) in enumerate(by_noise.items()):
         color = cmap(0.85 * k / max(len(by_noise) - 1, 1))

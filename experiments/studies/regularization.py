@@ -23,8 +23,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
+from experiments.report import matplotlib
+from experiments.report import Figure
 
 from experiments.studies._aggregate import fmt, grouped, mean_curve, mean_std
 from experiments.sweep import Results
@@ -74,7 +74,7 @@ def _figure(results: Results, rows: list[dict], path: Path) -> None:
     curves = results.curves("test_accuracy")
     fig = Figure(figsize=(16, 4))
     ax_l2, ax_wd, ax_grid = fig.subplots(1, 3, gridspec_kw={"wspace": 0.3})
-    cmap = colormaps["viridis"]
+    cmap = matplotlib.colormaps["viridis"]
     for ax, kind in ((ax_l2, "L2 in the loss"), (ax_wd, "decoupled (AdamW)")):
         mine = [r for r in rows if r["kind"] in ("none", kind)]
         for k, r in enumerate(mine):

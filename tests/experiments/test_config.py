@@ -104,3 +104,10 @@ def test_unknown_study_is_a_config_error(tmp_path):
     path.write_text('name = "x"\nstudy = "no_such_study"\n')
     with pytest.raises(cfglib.ConfigError, match="study must be one of sweep"):
         cfglib.load(str(path))
+
+
+def test_sweep_override_on_a_custom_study_is_a_config_error():
+    from experiments import config as cfglib
+
+    with pytest.raises(cfglib.ConfigError, match="no \\[sweep\\] table"):
+        cfglib.load("ravine", ["sweep.seed=[0, 1]"])
