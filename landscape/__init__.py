@@ -17,6 +17,7 @@ from landscape.operators import (
     hessian,
     per_example_grads,
 )
+from landscape.per_block import BlockReport, per_block
 from landscape.probes import ProbePlan, probes_for
 from landscape.spectrum import Density, Eigen, density, eigenvalues, lanczos
 from landscape.trace import DiagonalEstimate, TraceEstimate, diagonal, trace
@@ -29,7 +30,7 @@ __all__ = [
     "eigenvalues", "fisher", "ggn", "hessian", "lanczos", "mse", "per_example_grads",
     "trace",
 ]
-__all__ += ["ProbePlan", "probes_for"]
+__all__ += ["BlockReport", "ProbePlan", "per_block", "probes_for"]
 
 # Sharpness, loss surfaces, gradient noise, reparameterization (`landscape.plot` draws
 # them; it is not imported here so that `import landscape` does not load matplotlib).
