@@ -19,6 +19,7 @@ from landscape.operators import (
 )
 from landscape.per_block import BlockReport, per_block
 from landscape.probes import ProbePlan, probes_for
+from landscape.sharding import shard, shard_batch
 from landscape.spectrum import Density, Eigen, density, eigenvalues, lanczos
 from landscape.trace import DiagonalEstimate, TraceEstimate, diagonal, trace
 
@@ -30,7 +31,7 @@ __all__ = [
     "eigenvalues", "fisher", "ggn", "hessian", "lanczos", "mse", "per_example_grads",
     "trace",
 ]
-__all__ += ["BlockReport", "ProbePlan", "per_block", "probes_for"]
+__all__ += ["BlockReport", "ProbePlan", "per_block", "probes_for", "shard", "shard_batch"]
 
 # Sharpness, loss surfaces, gradient noise, reparameterization (`landscape.plot` draws
 # them; it is not imported here so that `import landscape` does not load matplotlib).
