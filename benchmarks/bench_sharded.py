@@ -116,8 +116,11 @@ def main() -> None:
         f"{abs(s['trace'] - base['trace']) / abs(base['trace']):.1e}, float32 rounding "
         "from a different order of summation. The eight simulated devices are threads "
         "sharing this machine's two cores, so no speed-up is possible here; the table "
-        "shows the cost of the per-matvec all-reduce and of the simulation. On real "
-        "devices each holds an eighth of the examples and does an eighth of the work.",
+        "shows the cost of the per-matvec all-reduce and of the simulation. The two "
+        "workers run one after the other on a machine whose load changed while they "
+        "ran (the unsharded row with the flag set coming out faster than one device "
+        "is that noise), so read the times as rough. On real devices each holds an "
+        "eighth of the examples and does an eighth of the work.",
     ])
     write_section("bench_sharded", md)
     print(md)

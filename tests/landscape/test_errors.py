@@ -83,14 +83,20 @@ def test_probe_planner_rejects_bad_input():
         ls.eigenvalues(op, k=1, key=KEY, tol=0.0)
 
 
-def test_density_reports_its_budget_and_moment_errors_cover_the_truth():
+def test_density_reports_its_budget():
+    op, _ = symmetric(np.linspace(-0.5, 1.0, 12), seed=6)
+    den = ls.density(op, key=KEY, num_probes=7, num_steps=9, num_points=10)
+    assert (den.num_probes, den.num_steps) == (7, 9)
+    assert den.nodes.shape == den.weights.shape == (7, 9)
+    capped = ls.density(op, key=KEY, num_probes=2, num_steps=500, num_points=10)
+    assert capped.num_steps == 12  # never more steps than the dimension
+
+
+@pytest.mark.slow
+def test_density_moment_errors_cover_the_truth():
     spectrum = np.concatenate([[3.0, 2.0], np.linspace(-0.5, 1.0, 48)])
     op, a = symmetric(spectrum, seed=6)
     n = len(spectrum)
-    den = ls.density(op, key=KEY, num_probes=7, num_steps=9)
-    assert (den.num_probes, den.num_steps) == (7, 9)
-    capped = ls.density(op, key=KEY, num_probes=2, num_steps=500)
-    assert capped.num_steps == n  # never more steps than the dimension
     hits = {1: [], 2: []}
     for s in range(60):
         d = ls.density(op, key=jax.random.key(s), num_probes=16, num_steps=8,
