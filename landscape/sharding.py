@@ -7,7 +7,9 @@ chunk and one `psum` adds the devices' shares, so eigenvalues, traces and densit
 a whole training set use every device while the Lanczos and probe arithmetic stays
 replicated. The mean is exact: N = d·q + r examples give d device shares of q examples
 (weight q/N each) plus a remainder of r < d examples computed replicated (weight r/N).
-Hosts that join with `jax.distributed.initialize` add their devices to the mesh.
+The default mesh is `jax.devices()`, so hosts that joined with
+`jax.distributed.initialize` add their devices to it when every process holds the
+same batch (tested on one host only).
 """
 
 from __future__ import annotations
