@@ -7,11 +7,13 @@ trace (Hutchinson, 30 probes); and `ls.per_block` on the three layers with the s
 budget per block (20 Lanczos steps each, the 30 trace probes shared by all blocks), then
 with per-block Hutch++ traces (`trace_method="restricted"`, 30 probes per block).
 
-Run: `.venv/bin/python -m benchmarks.bench_blocks`.
+Run: `.venv/bin/python -m benchmarks.bench_blocks` (on a shared machine, with
+`XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"`).
 """
 
 from __future__ import annotations
 
+import os
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,7 +89,9 @@ def main() -> None:
         "## Per-block spectra (`bench_blocks`)", "",
         f"Machine: {machine()}. The machine was shared with other jobs (load average "
         "well above the core count) while this ran, so absolute times are inflated; "
-        "the ratios, measured back to back, are the result.", "",
+        "the ratios, measured back to back, are the result. XLA flags: "
+        f"`{os.environ.get('XLA_FLAGS', 'none')}` (single-threaded XLA keeps the "
+        "timings steadier on an oversubscribed machine).", "",
         f"MLP 40→256→256→10 ({H.size} parameters, float32) after {ref.TRAIN_STEPS} SGD "
         f"steps (lr {ref.LEARNING_RATE}, minibatch {ref.MINIBATCH}; training loss "
         f"{loss:.3f}), Hessian over all 4 000 MNIST-1D training examples in chunks of "

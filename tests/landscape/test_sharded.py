@@ -128,7 +128,9 @@ def test_sharded_mean_on_one_device_is_exact():
     # The shard_map path with a one-device mesh, without a subprocess: same operator.
     params = m.mlp_params(jax.random.key(1), sizes=(5, 8, 3))
     batch = m.classification_data(jax.random.key(2), n=45)
-    F = ls.fisher(m.mlp_apply, params, batch, kind="empirical", chunk_size=8)
+    # The true Fisher: its sampled targets follow the chunk layout, the same here.
+    F = ls.fisher(m.mlp_apply, params, batch, kind="true", key=jax.random.key(5),
+                  chunk_size=8)
     F1 = ls.shard(F, devices=jax.devices()[:1])
     assert F1.shards is not None
     v = jax.tree.map(jnp.ones_like, params)
