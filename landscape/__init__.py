@@ -4,7 +4,7 @@ Every function works on any pure `loss_fn(params, batch) -> scalar` (the mean lo
 or `apply_fn(params, inputs) -> outputs` and any parameter pytree.
 """
 
-from landscape.blocks import path_name, restrict
+from landscape.blocks import BlockOperator, path_name, restrict
 from landscape.chunking import chunk_mean
 from landscape.index import HessianIndex, hessian_index
 from landscape.layers import LayerGradNorms, layer_grad_norms, layer_norms
@@ -17,6 +17,9 @@ from landscape.operators import (
     hessian,
     per_example_grads,
 )
+from landscape.per_block import BlockReport, per_block
+from landscape.probes import ProbePlan, probes_for
+from landscape.sharding import shard, shard_batch
 from landscape.spectrum import Density, Eigen, density, eigenvalues, lanczos
 from landscape.trace import DiagonalEstimate, TraceEstimate, diagonal, trace
 
@@ -28,6 +31,8 @@ __all__ = [
     "eigenvalues", "fisher", "ggn", "hessian", "lanczos", "mse", "per_example_grads",
     "trace",
 ]
+__all__ += ["BlockOperator", "BlockReport", "ProbePlan", "per_block", "probes_for",
+            "shard", "shard_batch"]
 
 # Sharpness, loss surfaces, gradient noise, reparameterization (`landscape.plot` draws
 # them; it is not imported here so that `import landscape` does not load matplotlib).

@@ -14,6 +14,10 @@ Cost of one `matvec` (P parameters, N examples): Hessian ≈ 2 gradients
 (forward-over-reverse); GGN and Fisher ≈ one forward-mode and one reverse-mode pass of
 `apply_fn`. None of them forms per-example gradients or a (batch × classes × classes)
 tensor.
+
+When `batch` is split over devices along its example axis (`ls.shard_batch`, or
+`ls.shard(op)`), each device averages its own examples and the shares are added with
+one `psum` per matvec (`landscape.sharding`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from landscape import _validate, losses
+from landscape import _validate, losses, sharding
 from landscape.chunking import chunk_mean
 
 Loss = str | Callable[[Any, Any], jax.Array]
@@ -106,12 +110,14 @@ class LinearOperator(_OperatorMethods):
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("params", "batch", "key"),
-                   meta_fields=("kind", "fn", "loss", "chunk_size", "num_samples"))
+                   meta_fields=("kind", "fn", "loss", "chunk_size", "num_samples",
+                                "shards"))
 @dataclasses.dataclass(frozen=True)
 class CurvatureOperator(_OperatorMethods):
     """Hessian, GGN or Fisher of a mean loss at `params` on `batch`.
 
-    Build one with `hessian`, `ggn` or `fisher` rather than directly.
+    Build one with `hessian`, `ggn` or `fisher` rather than directly. `shards` is
+    `(mesh, axes)` when the examples are split over devices (see `landscape.sharding`).
     """
 
     kind: str  # "hessian" | "ggn" | "fisher_empirical" | "fisher_true"
@@ -122,6 +128,7 @@ class CurvatureOperator(_OperatorMethods):
     params: Any
     batch: Any
     key: jax.Array | None = None
+    shards: Any = None
 
     @property
     def num_examples(self) -> int:
@@ -131,13 +138,21 @@ class CurvatureOperator(_OperatorMethods):
         """The operator applied to `v`, a pytree with the structure of `params`."""
         _validate.same_structure(v, self.params)
         v = jax.tree.map(lambda a, p: jnp.asarray(a, jnp.result_type(p)), v, self.params)
-        return chunk_mean(lambda chunk, i: self._chunk_matvec(chunk, i, v), self.batch,
-                          self.chunk_size)
+        return self._mean(lambda op, chunk, i, v: op._chunk_matvec(chunk, i, v), v)
 
     def value(self) -> jax.Array:
         """The mean loss over `batch` at `params`, computed chunk by chunk."""
-        return chunk_mean(lambda chunk, i: self._chunk_value(chunk), self.batch,
-                          self.chunk_size)
+        return self._mean(lambda op, chunk, i: op._chunk_value(chunk))
+
+    def _mean(self, fn: Callable, *args: Any) -> Any:
+        """Exact mean over the examples of `fn(op, chunk, index, *args)`, split over the
+        devices in `shards` when there are any."""
+        if self.shards is None:
+            return chunk_mean(lambda chunk, i: fn(self, chunk, i, *args), self.batch,
+                              self.chunk_size)
+        rest = dataclasses.replace(self, batch=None)
+        return sharding.sharded_mean(lambda a, chunk, i: fn(a[0], chunk, i, *a[1]),
+                                     (rest, args), self.batch, self.chunk_size, self.shards)
 
     def _chunk_value(self, chunk: Any) -> jax.Array:
         if self.kind == "hessian":
@@ -252,6 +267,16 @@ def _check_loss(loss: Loss, allow_callable: bool = True) -> None:
     _validate.choice(loss, "loss", _LOSSES)
 
 
+def _build(kind, fn, loss, chunk_size, num_samples, params, batch, key=None):
+    """The operator; when `batch` is split over devices, the rest joins it there."""
+    shards = sharding.batch_shards(batch)
+    if shards is not None:
+        batch = sharding.place_batch(batch, shards)
+        params, key = sharding.replicate(params, shards), sharding.replicate(key, shards)
+    return CurvatureOperator(kind, fn, loss, chunk_size, num_samples, params, batch, key,
+                             shards)
+
+
 def hessian(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *,
             chunk_size: int | None = None) -> CurvatureOperator:
     """The Hessian of the mean loss `loss_fn(params, batch)` as an operator.
@@ -275,7 +300,7 @@ def hessian(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *
     if not hasattr(out, "shape") or out.shape != ():
         raise ValueError("`loss_fn` must return a scalar (the mean loss over the batch); "
                          f"it returned {getattr(out, 'shape', type(out).__name__)}.")
-    return CurvatureOperator("hessian", loss_fn, "none", chunk_size, 1, params, batch)
+    return _build("hessian", loss_fn, "none", chunk_size, 1, params, batch)
 
 
 def ggn(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
@@ -302,7 +327,7 @@ def ggn(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
     _check_pair(batch)
     _check_loss(loss)
     _check_chunk(batch, chunk_size)
-    return CurvatureOperator("ggn", apply_fn, loss, chunk_size, 1, params, tuple(batch))
+    return _build("ggn", apply_fn, loss, chunk_size, 1, params, tuple(batch))
 
 
 def fisher(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
@@ -332,8 +357,8 @@ def fisher(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
     if kind == "true" and key is None:
         raise ValueError("`key` is required for the true Fisher (kind='true'): targets "
                          "are sampled from the model with it.")
-    return CurvatureOperator(f"fisher_{kind}", apply_fn, loss, chunk_size, num_samples,
-                             params, tuple(batch), key if kind == "true" else None)
+    return _build(f"fisher_{kind}", apply_fn, loss, chunk_size, num_samples, params,
+                  tuple(batch), key if kind == "true" else None)
 
 
 def per_example_grads(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any,
