@@ -300,9 +300,13 @@ def pure(model: nnx.Module, mode: str | None = None, *, batch_stats: Any = None,
     def merged(params):
         filled = jax.tree.map(lambda a: a, state)  # a fresh container to fill
         nnx.replace_by_pure_dict(filled, params)
-        # Fresh variables for the rest too: train-mode BatchNorm writes running
-        # statistics and dropout advances its stream, which must stay inside this trace.
-        return nnx.merge(graphdef, filled, jax.tree.map(lambda a: a, rest))
+        # Fresh variables for the rest too: train-mode BatchNorm writes (unused) running
+        # statistics and dropout advances its stream, which must stay inside this trace;
+        # the statistics take the parameters' precision so that write needs no cast.
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        fresh = jax.tree.map(lambda a: a.astype(dtype) if mode == "train" and jnp.issubdtype(
+            a.dtype, jnp.floating) else a, rest)
+        return nnx.merge(graphdef, filled, fresh)
 
     if dropout:
         def apply_fn(params, inputs, key):
