@@ -347,7 +347,7 @@ def population_statistics(model: nnx.Module, params: Any, inputs: Any, *,
     time (`landscape.chunk_mean`, exact whatever the chunk size), one pass per BatchNorm
     layer: after pass k the first k layers on any path are exact. This is the
     full-dataset version of Wu & Johnson (2021), "Rethinking 'Batch' in BatchNorm",
-    §3 (precise BN); with `chunk_size=None` it equals the statistics train mode computes
+    (precise BN); with `chunk_size=None` it equals the statistics train mode computes
     on the whole of `inputs` as one batch.
 
     Args:

@@ -1,7 +1,6 @@
 """The BatchNorm CNN and the transformer in the model zoo: modes, precise BN, every
 optimizer, K-FAC's layers, the runner (float32, as `basin run`)."""
 
-import json
 from pathlib import Path
 
 import jax
