@@ -269,7 +269,9 @@ def pure(model: nnx.Module, mode: str | None = None, *, batch_stats: Any = None,
     curvature of one dropout sample).
 
     Example:
-      >>> train_fn, params = pure(CNN1D(10, batch_norm=True, rngs=nnx.Rngs(0)), "train")
+      >>> model = CNN1D(10, batch_norm=True, rngs=nnx.Rngs(0))
+      >>> train_fn, params = pure(model, "train")
+      >>> ...   # train params on a loss built from train_fn
       >>> stats = population_statistics(model, params, x_train, chunk_size=1000)
       >>> eval_fn, _ = pure(model, "eval", batch_stats=stats)
     """
@@ -346,8 +348,8 @@ def population_statistics(model: nnx.Module, params: Any, inputs: Any, *,
     dataset exactly. It is computed in passes over the data, `chunk_size` examples at a
     time (`landscape.chunk_mean`, exact whatever the chunk size), one pass per BatchNorm
     layer: after pass k the first k layers on any path are exact. This is the
-    full-dataset version of Wu & Johnson (2021), "Rethinking 'Batch' in BatchNorm",
-    (precise BN); with `chunk_size=None` it equals the statistics train mode computes
+    full-dataset version of precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in
+    BatchNorm"); with `chunk_size=None` it equals the statistics train mode computes
     on the whole of `inputs` as one batch.
 
     Args:
@@ -367,8 +369,9 @@ def population_statistics(model: nnx.Module, params: Any, inputs: Any, *,
     layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
     if not layers:
         raise ValueError("`model` has no BatchNorm layer: it has no statistics to set.")
-    graphdef, state, rest = nnx.split(nnx.view(model, use_running_average=True,
-                                               raise_if_not_found=False), nnx.Param, ...)
+    graphdef, state, rest = nnx.split(
+        nnx.view(model, use_running_average=True, deterministic=True,
+                 raise_if_not_found=False), nnx.Param, ...)
     filled = jax.tree.map(lambda a: a, state)
     nnx.replace_by_pure_dict(filled, params)
 
