@@ -35,7 +35,8 @@ DEFAULTS: dict[str, Any] = {
              "label_noise": 0.0},
     "model": {"name": "mlp", "hidden": [100, 100], "activation": "relu",
               "channels": [16, 32, 32], "kernel_size": 5, "width": 16, "depth": 4,
-              "skip": True},
+              "skip": True, "embed_dim": 128, "num_blocks": 2, "num_heads": 4,
+              "patch_size": 4},
     "optimizer": {"name": "sgd", "learning_rate": 0.1},
     "train": {"batch_size": 128, "seed": 0, "steps": 1000, "epochs": 0,
               "until_train_loss": 0.0, "record_every": 100, "loss": "cross_entropy",
@@ -186,15 +187,20 @@ def validate(cfg: dict) -> None:
     _check(cfg["data"]["name"] in ("mnist1d", "teacher_student"),
            f"data.name must be 'mnist1d' or 'teacher_student', got {cfg['data']['name']!r}")
     model = cfg["model"]
-    _check(model["name"] in ("mlp", "cnn", "resnet"),
-           f"model.name must be 'mlp', 'cnn' or 'resnet', got {model['name']!r}")
+    _check(model["name"] in ("mlp", "cnn", "cnn_bn", "resnet", "transformer"),
+           f"model.name must be 'mlp', 'cnn', 'cnn_bn', 'resnet' or 'transformer', got "
+           f"{model['name']!r}")
     for key in ("hidden", "channels"):
         v = model[key]
         _check(isinstance(v, list) and all(isinstance(h, int) and h > 0 for h in v),
                f"model.{key} must be a list of positive integers, got {v!r}")
-    for key in ("kernel_size", "width", "depth"):
+    for key in ("kernel_size", "width", "depth", "embed_dim", "num_blocks", "num_heads",
+                "patch_size"):
         _check(isinstance(model[key], int) and model[key] > 0,
                f"model.{key} must be a positive integer, got {model[key]!r}")
+    _check(model["embed_dim"] % model["num_heads"] == 0,
+           f"model.num_heads must divide model.embed_dim ({model['embed_dim']}), got "
+           f"{model['num_heads']!r}")
     _check(isinstance(model["skip"], bool), f"model.skip must be true or false, got "
                                             f"{model['skip']!r}")
     tr = cfg["train"]

@@ -30,7 +30,7 @@ from flax import nnx
 
 import landscape as ls
 import transforms as tx
-from experiments.models import CNN1D, MLP, ResNet1D, pure
+from experiments.models import CNN1D, MLP, ResNet1D, Transformer1D, pure
 
 RUNNING, DIVERGED, CONVERGED = 0, 1, 2
 STATUS_NAMES = {RUNNING: "finished", DIVERGED: "diverged", CONVERGED: "converged"}
@@ -48,18 +48,27 @@ def build_model(model_cfg: dict, num_features: int, num_classes: int) -> Model:
         def construct(rngs):
             return MLP((num_features, *model_cfg["hidden"], num_classes),
                        activation=model_cfg["activation"], rngs=rngs)
-    elif name == "cnn":
+    elif name in ("cnn", "cnn_bn"):
         def construct(rngs):
             return CNN1D(num_classes, tuple(model_cfg["channels"]),
                          kernel_size=model_cfg["kernel_size"],
-                         activation=model_cfg["activation"], rngs=rngs)
+                         activation=model_cfg["activation"], batch_norm=name == "cnn_bn",
+                         rngs=rngs)
+    elif name == "transformer":
+        def construct(rngs):
+            return Transformer1D(num_classes, length=num_features,
+                                 patch_size=model_cfg["patch_size"],
+                                 dim=model_cfg["embed_dim"], depth=model_cfg["num_blocks"],
+                                 num_heads=model_cfg["num_heads"], rngs=rngs)
     else:
         def construct(rngs):
             return ResNet1D(num_classes, width=model_cfg["width"], depth=model_cfg["depth"],
                             kernel_size=model_cfg["kernel_size"], skip=model_cfg["skip"],
                             rngs=rngs)
-    apply_fn, _ = pure(construct(nnx.Rngs(0)))
-    return Model(apply_fn, lambda key: pure(construct(nnx.Rngs(key)))[1])
+    # BatchNorm models train and are measured in train mode (batch statistics; see
+    # docs/notes/models_and_memory.md): the function SGD optimizes.
+    apply_fn, _ = pure(construct(nnx.Rngs(0)), mode="train")
+    return Model(apply_fn, lambda key: pure(construct(nnx.Rngs(key)), mode="train")[1])
 
 
 def loss_function(apply_fn, loss: str):

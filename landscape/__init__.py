@@ -37,6 +37,7 @@ __all__ += ["BlockOperator", "BlockReport", "ProbePlan", "per_block", "probes_fo
 # Sharpness, loss surfaces, gradient noise, reparameterization (`landscape.plot` draws
 # them; it is not imported here so that `import landscape` does not load matplotlib).
 from landscape import sharpness
+from landscape import memory  # compiled memory, chunk sizes for a budget
 from landscape.directions import (
     PCADirections,
     filter_normalize,

@@ -1,0 +1,156 @@
+"""Memory of compiled computations, and chunk sizes that keep an operator in a budget.
+
+XLA reports, for a compiled function, the bytes of its arguments, its outputs and the
+temporary buffers it needs at once (`Compiled.memory_analysis()`, available on CPU and
+GPU). Curvature operators average over fixed-size chunks of the data
+(`chunk_size`), so the temporaries of a matvec grow with the chunk, not with the
+dataset: `chunk_size_for_budget` compiles the matvec at candidate chunk sizes and
+returns the largest that fits the user's budget.
+
+What the GGN and Fisher matvecs never form: a (batch × classes × classes) output
+Hessian. For cross-entropy the product with diag(p) − p pᵀ is computed as
+p ⊙ u − p (pᵀu), so their temporaries are those of one forward-mode and one
+reverse-mode pass (see benchmarks/bench_memory.py for the numbers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from landscape import _validate
+
+__all__ = ["ChunkChoice", "MemoryEstimate", "chunk_size_for_budget", "matvec_memory",
+           "memory_estimate"]
+
+
+class MemoryEstimate(NamedTuple):
+    """XLA's memory analysis of one compiled call, in bytes.
+
+    `total` = arguments + outputs + temporaries − aliased (outputs written in place of
+    arguments): what the call holds at its peak, inputs included.
+    """
+
+    argument: int
+    output: int
+    temp: int
+    alias: int
+    total: int
+
+
+class ChunkChoice(NamedTuple):
+    """`chunk_size` (None: the whole batch at once) and its `estimate`; `tried` lists
+    `(chunk_size, total bytes)` for every size compiled on the way."""
+
+    chunk_size: int | None
+    estimate: MemoryEstimate
+    tried: tuple
+
+
+def memory_estimate(fn: Callable[..., Any], *args: Any) -> MemoryEstimate:
+    """The memory `jax.jit(fn)(*args)` needs, from XLA's analysis of the compiled call.
+
+    Nothing is run: the function is lowered and compiled only (args may be
+    `jax.ShapeDtypeStruct`s).
+
+    Example:
+      >>> est = ls.memory.memory_estimate(jax.grad(loss_fn), params, batch)
+      >>> est.temp / 2**20   # MiB of temporaries
+    """
+    if not callable(fn):
+        raise ValueError(f"`fn` must be callable; got {type(fn).__name__}.")
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if analysis is None:
+        raise ValueError("this backend gives no memory analysis for compiled functions.")
+    argument = int(analysis.argument_size_in_bytes)
+    output = int(analysis.output_size_in_bytes)
+    temp = int(analysis.temp_size_in_bytes)
+    alias = int(analysis.alias_size_in_bytes)
+    return MemoryEstimate(argument, output, temp, alias, argument + output + temp - alias)
+
+
+def matvec_memory(op: Any) -> MemoryEstimate:
+    """`memory_estimate` of `op.matvec(v)` for any operator of `landscape` (v like params).
+
+    Example:
+      >>> ls.memory.matvec_memory(ls.ggn(apply_fn, params, data, chunk_size=256)).total
+    """
+    if not hasattr(op, "matvec") or not hasattr(op, "params"):
+        raise ValueError("`op` must be a landscape operator (with `matvec` and `params`); "
+                         f"got {type(op).__name__}.")
+    v = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)),
+                     op.params)
+    return memory_estimate(lambda o, w: o.matvec(w), op, v)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def chunk_size_for_budget(build: Callable[[int | None], Any], budget_bytes: int, *,
+                          num_examples: int, candidates: Any = None) -> ChunkChoice:
+    """The largest chunk size whose matvec fits in `budget_bytes`, by compiling.
+
+    `build(chunk_size)` returns an operator (e.g. `lambda c: ls.ggn(apply_fn, params,
+    data, chunk_size=c)`); its matvec is compiled at candidate sizes (binary search,
+    assuming memory grows with the chunk) and measured with `matvec_memory`. The budget
+    counts everything the call holds (`MemoryEstimate.total`): data and parameters as
+    well as temporaries, so it must exceed the data's own size.
+
+    Args:
+      build: `build(chunk_size) -> operator`; `chunk_size=None` means no chunking.
+      budget_bytes: the most bytes one matvec may hold (> 0).
+      num_examples: examples in the operator's batch.
+      candidates: chunk sizes to choose from; by default the divisors of
+        `num_examples` (equal chunks, no remainder to compile separately).
+
+    Returns:
+      `ChunkChoice(chunk_size, estimate, tried)`; `chunk_size` is None when the whole
+      batch fits at once.
+
+    Raises:
+      ValueError: if even the smallest candidate does not fit (says what it needs).
+
+    Example:
+      >>> choice = ls.memory.chunk_size_for_budget(
+      ...     lambda c: ls.ggn(apply_fn, params, data, chunk_size=c), 2 * 2**30,
+      ...     num_examples=len(data[1]))
+      >>> G = ls.ggn(apply_fn, params, data, chunk_size=choice.chunk_size)
+    """
+    if not callable(build):
+        raise ValueError(f"`build` must be callable; got {type(build).__name__}.")
+    n = _validate.positive_int(num_examples, "num_examples")
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) \
+            or not budget_bytes > 0:
+        raise ValueError(f"`budget_bytes` must be a positive number; got {budget_bytes!r}.")
+    if candidates is None:
+        sizes = _divisors(n)
+    else:
+        sizes = sorted({int(_validate.positive_int(c, "candidates[i]")) for c in candidates})
+        if not sizes or sizes[-1] > n:
+            raise ValueError("`candidates` must be a non-empty list of chunk sizes up to "
+                             f"num_examples ({n}); got {candidates!r}.")
+    tried = {}
+
+    def measure(i):
+        size = None if sizes[i] == n else sizes[i]
+        if i not in tried:
+            tried[i] = matvec_memory(build(size))
+        return tried[i]
+
+    lo, hi = 0, len(sizes) - 1
+    if measure(lo).total > budget_bytes:
+        raise ValueError(f"`budget_bytes` ({int(budget_bytes)}) is too small: the smallest "
+                         f"chunk ({sizes[0]}) needs {measure(lo).total} bytes "
+                         f"({measure(lo).argument} of them arguments: data and params).")
+    while lo < hi:  # invariant: sizes[lo] fits
+        mid = (lo + hi + 1) // 2
+        if measure(mid).total <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return ChunkChoice(None if sizes[lo] == n else sizes[lo], tried[lo],
+                       tuple((sizes[i], tried[i].total) for i in sorted(tried)))
