@@ -331,8 +331,9 @@ class _RecordingBatchNorm(nnx.BatchNorm):
         axes = tuple(i for i in range(x.ndim) if i not in
                      {a % x.ndim for a in ((self.axis,) if isinstance(self.axis, int)
                                            else self.axis)})
-        self.mean[...] = x.mean(axes)
-        self.var[...] = jnp.square(x).mean(axes)
+        # NNX keeps statistics in their own dtype (float32 even under x64): cast explicitly.
+        self.mean[...] = x.mean(axes).astype(self.mean.dtype)
+        self.var[...] = jnp.square(x).mean(axes).astype(self.var.dtype)
         return out
 
 
