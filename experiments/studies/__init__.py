@@ -85,19 +85,45 @@ def number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def integer(x, low: int = 1) -> bool:
+    """An int (not a bool) of at least `low`, for `validate` checks."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def positive(x) -> bool:
+    """A number > 0, for `validate` checks."""
+    return number(x) and x > 0
+
+
 def positive_int(table: dict, *keys: str) -> None:
     """Check that each of `keys` in a config `table` is an integer > 0."""
     for key in keys:
-        v = table[key]
-        check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-              f"{key} must be a positive integer, got {v!r}")
+        check(integer(table[key]), f"{key} must be a positive integer, got {table[key]!r}")
 
 
 def positive_number(table: dict, *keys: str) -> None:
     """Check that each of `keys` in a config `table` is a number > 0."""
     for key in keys:
-        check(number(table[key]) and table[key] > 0,
-              f"{key} must be a number > 0, got {table[key]!r}")
+        check(positive(table[key]), f"{key} must be a number > 0, got {table[key]!r}")
+
+
+def check_training(cfg: dict) -> None:
+    """Check the `[data]` (num_train, num_test) and `[train]` (steps, batch_size, seed,
+    optimizer, learning_rate) tables a custom study trains a network with."""
+    import transforms as tx
+
+    for key in ("num_train", "num_test"):
+        check(integer(cfg["data"][key]), f"data.{key} must be a positive integer")
+    tr = cfg["train"]
+    for key in ("steps", "batch_size"):
+        check(integer(tr[key]), f"train.{key} must be a positive integer, got {tr[key]!r}")
+    check(integer(tr["seed"], 0), "train.seed must be a non-negative integer")
+    check(tr["batch_size"] <= cfg["data"]["num_train"],
+          "train.batch_size must not exceed data.num_train")
+    try:
+        tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
+    except (ValueError, TypeError) as e:
+        check(False, f"train: {e}")
 
 
 def results(run_dir: Path) -> dict:

@@ -16,14 +16,19 @@ shown beside it, so an optimizer is not judged only at its fastest learning rate
 
 from __future__ import annotations
 
+import functools
+
 import math
 from pathlib import Path
 
 import numpy as np
 from experiments.report import Figure
 
-from experiments.studies._aggregate import fmt, grouped, mean_curve, mean_std, pm
+from experiments.studies import _summary
+from experiments.studies._summary import cell as fmt, grouped, mean_curve, pm
 from experiments.sweep import Results
+
+mean_std = functools.partial(_summary.mean_std, ddof=0)  # population std, as tabled
 
 NAME = "adam_vs_sgd"
 SWEEP = True

@@ -18,14 +18,19 @@ records, the `noise_scale` measure at the point where each tuned member stopped.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from pathlib import Path
 
 import numpy as np
 from experiments.report import Figure
 
-from experiments.studies._aggregate import fmt, grouped, mean_std
+from experiments.studies import _summary
+from experiments.studies._summary import cell as fmt, grouped
 from experiments.sweep import Results
+
+mean_std = functools.partial(_summary.mean_std, ddof=0)  # population std, as tabled
 
 NAME = "critical_batch_size"
 SWEEP = True

@@ -20,6 +20,8 @@ noise level, and tabulates the final training loss, the best and final test accu
 
 from __future__ import annotations
 
+import functools
+
 import math
 from pathlib import Path
 
@@ -27,8 +29,11 @@ import numpy as np
 from experiments.report import matplotlib
 from experiments.report import Figure
 
-from experiments.studies._aggregate import fmt, grouped, mean_curve, mean_std
+from experiments.studies import _summary
+from experiments.studies._summary import cell as fmt, grouped, mean_curve
 from experiments.sweep import Results
+
+mean_std = functools.partial(_summary.mean_std, ddof=0)  # population std, as tabled
 
 NAME = "memorization"
 SWEEP = True

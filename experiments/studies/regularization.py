@@ -19,6 +19,8 @@ accuracy, the best test step, final training loss and λ_max.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from pathlib import Path
 
@@ -26,8 +28,11 @@ import numpy as np
 from experiments.report import matplotlib
 from experiments.report import Figure
 
-from experiments.studies._aggregate import fmt, grouped, mean_curve, mean_std
+from experiments.studies import _summary
+from experiments.studies._summary import cell as fmt, grouped, mean_curve
 from experiments.sweep import Results
+
+mean_std = functools.partial(_summary.mean_std, ddof=0)  # population std, as tabled
 
 NAME = "regularization"
 SWEEP = True

@@ -52,46 +52,27 @@ DEFAULTS = {
 }
 
 
-def _int(x, low=1) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
-def _pos(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-
-
 def validate(cfg: dict) -> None:
     check = studies.check
     hidden = cfg["model"]["hidden"]
-    check(isinstance(hidden, list) and hidden and all(_int(h) for h in hidden),
+    check(isinstance(hidden, list) and hidden and all(studies.integer(h) for h in hidden),
           f"model.hidden must be a non-empty list of positive integers, got {hidden!r}")
     layer = cfg["rescale"]["layer"]
-    check(_int(layer, 0) and layer < len(hidden),
+    check(studies.integer(layer, 0) and layer < len(hidden),
           f"rescale.layer must be a hidden layer index in 0..{len(hidden) - 1}, got "
           f"{layer!r}")
     alphas = cfg["rescale"]["alphas"]
-    check(isinstance(alphas, list) and alphas and all(_pos(a) for a in alphas),
+    check(isinstance(alphas, list) and alphas and all(studies.positive(a) for a in alphas),
           f"rescale.alphas must be a non-empty list of numbers > 0, got {alphas!r}")
-    for key in ("num_train", "num_test"):
-        check(_int(cfg["data"][key]), f"data.{key} must be a positive integer")
-    tr = cfg["train"]
-    for key in ("steps", "batch_size"):
-        check(_int(tr[key]), f"train.{key} must be a positive integer, got {tr[key]!r}")
-    check(_int(tr["seed"], 0), "train.seed must be a non-negative integer")
-    check(tr["batch_size"] <= cfg["data"]["num_train"],
-          "train.batch_size must not exceed data.num_train")
-    try:
-        tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
-    except (ValueError, TypeError) as e:
-        check(False, f"train: {e}")
+    studies.check_training(cfg)
     ms = cfg["measure"]
     for key in ("num_examples", "chunk_size", "lanczos_steps", "ascent_steps"):
-        check(_int(ms[key]), f"measure.{key} must be a positive integer, got {ms[key]!r}")
-    check(_int(ms["seed"], 0), "measure.seed must be a non-negative integer")
+        check(studies.integer(ms[key]), f"measure.{key} must be a positive integer, got {ms[key]!r}")
+    check(studies.integer(ms["seed"], 0), "measure.seed must be a non-negative integer")
     check(ms["num_examples"] <= cfg["data"]["num_train"],
           "measure.num_examples must not exceed data.num_train")
     for key in ("rho", "adaptive_rho"):
-        check(_pos(ms[key]), f"measure.{key} must be a number > 0, got {ms[key]!r}")
+        check(studies.positive(ms[key]), f"measure.{key} must be a number > 0, got {ms[key]!r}")
 
 
 # ---------------------------------------------------------------- pieces ---

@@ -47,43 +47,24 @@ DEFAULTS = {
 }
 
 
-def _int(x, low=1) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
-def _pos(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-
-
 def validate(cfg: dict) -> None:
     check = studies.check
     for key in ("width", "depth", "kernel_size"):
-        check(_int(cfg["model"][key]), f"model.{key} must be a positive integer, got "
+        check(studies.integer(cfg["model"][key]), f"model.{key} must be a positive integer, got "
                                        f"{cfg['model'][key]!r}")
-    for key in ("num_train", "num_test"):
-        check(_int(cfg["data"][key]), f"data.{key} must be a positive integer")
-    tr = cfg["train"]
-    for key in ("steps", "batch_size"):
-        check(_int(tr[key]), f"train.{key} must be a positive integer, got {tr[key]!r}")
-    check(_int(tr["seed"], 0), "train.seed must be a non-negative integer")
-    check(tr["batch_size"] <= cfg["data"]["num_train"],
-          "train.batch_size must not exceed data.num_train")
-    try:
-        tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
-    except (ValueError, TypeError) as e:
-        check(False, f"train: {e}")
+    studies.check_training(cfg)
     s = cfg["surface"]
-    check(_int(s["points"], 3), f"surface.points must be an integer >= 3, got "
+    check(studies.integer(s["points"], 3), f"surface.points must be an integer >= 3, got "
                                 f"{s['points']!r}")
     for key in ("num_examples", "chunk_size"):
-        check(_int(s[key]), f"surface.{key} must be a positive integer, got {s[key]!r}")
+        check(studies.integer(s[key]), f"surface.{key} must be a positive integer, got {s[key]!r}")
     check(s["num_examples"] <= cfg["data"]["num_train"],
           "surface.num_examples must not exceed data.num_train")
     for key in ("radius", "rise_radius"):
-        check(_pos(s[key]), f"surface.{key} must be a number > 0, got {s[key]!r}")
-    check(_int(s["seed"], 0), "surface.seed must be a non-negative integer")
-    check(_int(cfg["measure"]["lanczos_steps"], 2), "measure.lanczos_steps must be >= 2")
-    check(_int(cfg["measure"]["seed"], 0), "measure.seed must be a non-negative integer")
+        check(studies.positive(s[key]), f"surface.{key} must be a number > 0, got {s[key]!r}")
+    check(studies.integer(s["seed"], 0), "surface.seed must be a non-negative integer")
+    check(studies.integer(cfg["measure"]["lanczos_steps"], 2), "measure.lanczos_steps must be >= 2")
+    check(studies.integer(cfg["measure"]["seed"], 0), "measure.seed must be a non-negative integer")
 
 
 # ---------------------------------------------------------------- pieces ---
