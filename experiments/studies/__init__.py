@@ -126,6 +126,18 @@ def check_training(cfg: dict) -> None:
         check(False, f"train: {e}")
 
 
+def train_configured(cfg: dict, loss_fn: Callable, params: Any, data: tuple) -> "Trained":
+    """`train` with the optimizer, steps, batch size and seed of the `[train]` table
+    that `check_training` checks (data order from `seed + 1`)."""
+    import jax
+    import transforms as tx
+
+    tr = cfg["train"]
+    opt = tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
+    return train(loss_fn, params, opt, data, steps=tr["steps"], batch_size=tr["batch_size"],
+                 key=jax.random.key(tr["seed"] + 1))
+
+
 def results(run_dir: Path) -> dict:
     """Everything a custom study stored so far in `run_dir/results.json`."""
     return load_json(Path(run_dir) / RESULTS, {})

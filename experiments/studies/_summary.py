@@ -87,3 +87,12 @@ def load(run_dir) -> tuple[dict, list[dict]]:
     """The run's resolved config and its member records."""
     results = Results(Path(run_dir))
     return results.config, results.records()
+
+
+def seed_dots(ax, groups: Iterable[list[dict]], key: str) -> None:
+    """One column per group on `ax`: a dot per member (seed) and a bar at their mean."""
+    for i, members in enumerate(groups):
+        vals = np.array([r[key] for r in members], float)
+        ax.scatter(np.full(vals.shape, i) + np.linspace(-0.08, 0.08, len(vals)), vals,
+                   color=f"C{i}", s=28, edgecolor="k", linewidth=0.4, zorder=3)
+        ax.hlines(np.nanmean(vals), i - 0.25, i + 0.25, color=f"C{i}", lw=2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 from experiments.report import Figure
 
 from experiments.studies import _summary as S
@@ -45,11 +44,7 @@ def _figure(records: list[dict], path: Path) -> None:
     axs = fig.subplots(1, len(PANELS), gridspec_kw={"wspace": 0.35})
     groups = S.by(S.finished(records), "batch_size")
     for ax, (key, label) in zip(axs, PANELS):
-        for i, (batch, members) in enumerate(groups.items()):
-            vals = np.array([r[key] for r in members], float)
-            ax.scatter(np.full(vals.shape, i) + np.linspace(-0.08, 0.08, len(vals)), vals,
-                       color=f"C{i}", s=28, edgecolor="k", linewidth=0.4, zorder=3)
-            ax.hlines(np.nanmean(vals), i - 0.25, i + 0.25, color=f"C{i}", lw=2)
+        S.seed_dots(ax, groups.values(), key)
         ax.set_xticks(range(len(groups)), [str(b) for b in groups])
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_xlabel("batch size")

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import landscape as ls
-import transforms as tx
 from experiments import studies
 
 NAME = "reparameterization"
@@ -93,11 +92,7 @@ def setup(cfg: dict):
 
 
 def train_model(cfg: dict, loss_fn, params, train):
-    tr = cfg["train"]
-    opt = tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
-    return studies.train(loss_fn, params, opt, train, steps=tr["steps"],
-                         batch_size=tr["batch_size"],
-                         key=jax.random.key(tr["seed"] + 1)).params
+    return studies.train_configured(cfg, loss_fn, params, train).params
 
 
 def layer_pair(layer: int) -> tuple[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from experiments.report import Figure
 
 from experiments.studies import _summary as S
@@ -46,11 +45,7 @@ def _figure(records: list[dict], path: Path) -> None:
     fig = Figure(figsize=(8.5, 3.4))
     axs = fig.subplots(1, len(PANELS), gridspec_kw={"wspace": 0.3})
     for ax, (key, label) in zip(axs, PANELS):
-        for i, members in enumerate(groups.values()):
-            vals = np.array([r[key] for r in members], float)
-            ax.scatter(np.full(vals.shape, i) + np.linspace(-0.08, 0.08, len(vals)), vals,
-                       color=f"C{i}", s=28, edgecolor="k", linewidth=0.4, zorder=3)
-            ax.hlines(np.nanmean(vals), i - 0.25, i + 0.25, color=f"C{i}", lw=2)
+        S.seed_dots(ax, groups.values(), key)
         ax.set_xticks(range(len(groups)), [_label(r) for r in groups], fontsize=8)
         ax.set_title(label, fontsize=10)
         if key == "lambda_max":
