@@ -16,6 +16,7 @@ import numpy as np
 
 import landscape as ls
 from benchmarks._results import machine, write_section
+import experiments
 from experiments import config as cfglib
 from experiments.studies import saddles as sd
 
@@ -23,7 +24,7 @@ HVPS = 2480  # = 40 Levenberg-Marquardt steps of 30 CG iterations (62 HVPs each)
 
 
 def main() -> None:
-    cfg = cfglib.load("saddles", ["checkpoints=4", "perturbations=0"])
+    cfg = experiments.load("saddles", ["checkpoints=4", "perturbations=0"])
     batch = sd.data(cfg)
     loss_fn = sd.make_loss(cfg["weight_decay"])
     points, _ = sd.starts(cfg, loss_fn, batch)

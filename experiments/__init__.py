@@ -5,7 +5,9 @@
     >>> results.records()[:2]
 """
 
-from experiments.config import ConfigError, load
-from experiments.sweep import Results, run
+from experiments.data import ArrayData
+from experiments.run import load, run, validate
+from experiments.schema import ConfigError
+from experiments.sweep import Results
 
-__all__ = ["ConfigError", "Results", "load", "run"]
+__all__ = ["ArrayData", "ConfigError", "Results", "load", "run", "validate"]

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from experiments import config as cfglib
+from experiments.run import load, run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             for name in cfglib.list_configs():
-                cfg = cfglib.load(name)
+                cfg = load(name)
                 print(f"{name:32s} {cfg['description']}")
             return 0
         if args.command == "report":
@@ -46,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and (args.config or args.set):
             raise cfglib.ConfigError("--resume takes the run's stored config; drop the "
                                      "config and --set arguments")
-        from experiments.sweep import run
-
         def log(msg: str) -> None:
             print(f"basin: {msg}", file=sys.stderr, flush=True)
 

@@ -1,21 +1,42 @@
-"""Study configs: TOML files (data, never code), overrides, validation and the grid.
+"""Sweep configs: the typed tables, TOML loading with overrides, the grid and its groups.
 
-A config has the tables `[data]`, `[model]`, `[optimizer]`, `[train]`, `[measure]`,
-`[record]` (curvature along training) and `[sweep]`. Each key of `[sweep]` is a dotted path into the config (shorthands:
-`batch_size` → `train.batch_size`, `learning_rate` → `optimizer.learning_rate`,
-`seed` → `train.seed`) with a list of values; the grid is their product.
+A config is data (TOML), never code. A sweep config has the tables `[data]`, `[model]`,
+`[optimizer]`, `[train]`, `[measure]`, `[record]` (curvature along training) and
+`[sweep]`; each table is a frozen dataclass below, which holds its defaults, limits and
+docs (`basin config --reference` prints them). Each key of `[sweep]` is a dotted path
+into the config (shorthands: `batch_size` → `train.batch_size`, `learning_rate` →
+`optimizer.learning_rate`, `seed` → `train.seed`) with a list of values, and each table
+of `[[sweep.zip]]` is one axis whose lists (of equal length) advance together; the grid
+is the product of all axes:
+
+    [sweep]
+    seed = [0, 1]
+    [[sweep.zip]]                       # each optimizer with its own learning rates
+    "optimizer.name" = ["sgd", "sgd", "adam", "adam"]
+    learning_rate    = [0.1, 0.3, 0.001, 0.003]
+
+A resolved config is plain JSON-ready data (what `config.json` stores); `load` returns
+it after checking every table and every grid value.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import transforms as tx
+from experiments.data import sizes as dataset_sizes
+from experiments.schema import ConfigError, as_dict, build, check, option
+
+__all__ = ["ConfigError", "Config", "Member", "load", "validate", "expand", "groups"]
 
 DEFAULT_CONFIG = "sharpness_vs_generalization"
 
@@ -23,42 +44,202 @@ SHORTHANDS = {"batch_size": "train.batch_size", "learning_rate": "optimizer.lear
               "seed": "train.seed"}
 
 # Values that may differ inside one compiled group (they are vmapped): the learning
-# rate, the seed, and any optimizer hyper-parameter swept over floats. Everything else
-# that varies (shapes, names, integers such as refresh intervals) starts a new group.
+# rate, the seed, the L2 coefficient, and a Basin optimizer's hyper-parameters swept
+# over floats. Everything else that varies (shapes, names, integers such as refresh
+# intervals, booleans) starts a new group.
 ALWAYS_VMAPPED = ("optimizer.learning_rate", "train.seed", "train.l2")
 
-DEFAULTS: dict[str, Any] = {
-    "name": "study",
-    "description": "",
-    "study": "sweep",
-    "data": {"name": "mnist1d", "num_train": 4000, "num_test": 1000, "seed": 0,
-             "label_noise": 0.0},
-    "model": {"name": "mlp", "hidden": [100, 100], "activation": "relu",
-              "channels": [16, 32, 32], "kernel_size": 5, "width": 16, "depth": 4,
-              "skip": True, "embed_dim": 128, "num_blocks": 2, "num_heads": 4,
-              "patch_size": 4},
-    "optimizer": {"name": "sgd", "learning_rate": 0.1},
-    "train": {"batch_size": 128, "seed": 0, "steps": 1000, "epochs": 0,
-              "until_train_loss": 0.0, "record_every": 100, "loss": "cross_entropy",
-              "diverge_above": 100.0, "l2": 0.0},
-    "measure": {"num_examples": 1000, "chunk_size": 1000, "measures": ["lambda_max"],
-                "rho": 0.05, "adaptive_rho": 0.5, "ascent_steps": 10, "random_trials": 8,
-                "keskar_epsilon": 1e-3, "pac_bayes_threshold": 0.1, "lanczos_steps": 20,
-                "trace_probes": 30},
-    # Curvature along training (see docs/notes/runner_recording.md); every = 0: off.
-    "record": {"every": 0, "measures": ["lambda_max"], "num_examples": 1000,
-               "chunk_size": 1000, "lanczos_steps": 20, "probes": 10, "index_steps": 80},
-    "sweep": {},
-}
-
-RECORD_MEASURES = ("lambda_max", "lambda_min", "index", "grad_norms", "noise_scale")
+# A grid above this many members is refused unless the caller allows it.
+MAX_MEMBERS = 10_000
 
 MEASURES = ("lambda_max", "trace", "worst_case", "adaptive", "random", "keskar",
             "pac_bayes", "noise_scale")
+RECORD_MEASURES = ("lambda_max", "lambda_min", "index", "grad_norms", "noise_scale")
+
+Activation = Literal["relu", "tanh", "gelu", "linear"]
+Positive = dict(ge=1)
 
 
-class ConfigError(ValueError):
-    """A user error in a config or an override; its message is one line."""
+@dataclass(frozen=True)
+class Data:
+    """The dataset: built in (`mnist1d`, `digits`, `teacher_student`), an `.npz` file, or
+    arrays given to `experiments.run(..., data=ArrayData(...))` (`arrays`)."""
+
+    name: Literal["mnist1d", "digits", "teacher_student", "npz", "arrays"] = option(
+        "mnist1d", doc="which dataset")
+    num_train: int | None = option(None, ge=1, doc="first examples of the training split "
+                                   "used (empty: all)")
+    num_test: int | None = option(None, ge=1, doc="first examples of the test split used "
+                                  "(empty: all)")
+    seed: int = option(0, ge=0, le=2**32 - 1, doc="teacher_student's draw; label noise")
+    label_noise: float = option(0.0, ge=0, le=1, doc="fraction of training labels redrawn "
+                                "uniformly (Zhang et al. 2017)")
+    path: str = option("", doc="the `.npz` file (keys x_train, y_train, x_test, y_test)")
+
+    def check(self, where):
+        check(self.name != "npz" or self.path, f"{where}.path is required for name = 'npz'")
+
+
+@dataclass(frozen=True)
+class MLP:
+    """A fully connected network."""
+
+    name: Literal["mlp"] = "mlp"
+    hidden: tuple[int, ...] = option((100, 100), **Positive, doc="hidden widths")
+    activation: Activation = option("relu", doc="between layers")
+
+
+@dataclass(frozen=True)
+class CNN:
+    """A 1-D convolutional network (`cnn_bn`: with BatchNorm, trained in train mode)."""
+
+    name: Literal["cnn", "cnn_bn"] = "cnn"
+    channels: tuple[int, ...] = option((16, 32, 32), **Positive, doc="per conv layer")
+    kernel_size: int = option(5, **Positive)
+    activation: Activation = "relu"
+
+
+@dataclass(frozen=True)
+class ResNet:
+    """A 1-D residual network (`skip = false`: the same network without skips)."""
+
+    name: Literal["resnet"] = "resnet"
+    width: int = option(16, **Positive)
+    depth: int = option(4, **Positive)
+    kernel_size: int = option(5, **Positive)
+    skip: bool = True
+
+
+@dataclass(frozen=True)
+class Transformer:
+    """A pre-LayerNorm transformer over patches of the input signal."""
+
+    name: Literal["transformer"] = "transformer"
+    embed_dim: int = option(128, **Positive)
+    num_blocks: int = option(2, **Positive)
+    num_heads: int = option(4, **Positive)
+    patch_size: int = option(4, **Positive)
+
+    def check(self, where):
+        check(self.embed_dim % self.num_heads == 0,
+              f"{where}.num_heads must divide {where}.embed_dim ({self.embed_dim}), got "
+              f"{self.num_heads}")
+
+
+@dataclass(frozen=True)
+class PythonModel:
+    """Your own model by importable name, `factory = "package.module:function"`: an
+    `nnx.Module` factory `f(rngs, **options)` or an `(init_fn, apply_fn)` pair."""
+
+    name: Literal["python"] = "python"
+    factory: str = option("", doc="`package.module:attribute` (resolved with importlib)")
+    options: dict = option(factory=dict, doc="keyword arguments for the factory")
+
+    def check(self, where):
+        # Empty when the model is given in Python (experiments.run(..., model=...)).
+        check(not self.factory or (self.factory.count(":") == 1
+                                   and all(self.factory.split(":"))),
+              f"{where}.factory must name 'package.module:attribute', got "
+              f"{self.factory!r}")
+
+
+Model = MLP | CNN | ResNet | Transformer | PythonModel
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """Any name `transforms.make` knows (Basin's registry, then optax and optax.contrib);
+    every other key is a hyper-parameter of it, checked against its signature."""
+
+    OPEN = True
+    name: str = option("sgd", doc="see `basin list --optimizers`")
+    learning_rate: float = option(0.1, gt=0)
+    schedule: Literal["constant", "cosine"] = option(
+        "constant", doc="`cosine` decays the learning rate to 0 over the budget")
+
+
+@dataclass(frozen=True)
+class Train:
+    """Mini-batch training of every member."""
+
+    batch_size: int = option(128, **Positive)
+    seed: int = option(0, ge=0, le=2**32 - 1, doc="initialization, data order, optimizer "
+                       "randomness")
+    steps: int = option(1000, ge=0, le=10**9, doc="budget in steps (when epochs = 0)")
+    epochs: int = option(0, ge=0, le=10**6, doc="budget in epochs (overrides steps)")
+    until_train_loss: float = option(0.0, ge=0, doc="stop a member once its window's mean "
+                                     "loss is below this (0: never)")
+    record_every: int = option(100, **Positive, le=10**9, doc="steps per window")
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    diverge_above: float = option(100.0, gt=0, doc="a loss above this is divergence")
+    l2: float = option(0.0, ge=0, doc="coefficient of ½‖w‖² added to the loss")
+
+    def check(self, where):
+        check(self.steps > 0 or self.epochs > 0, "set train.steps or train.epochs above 0")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """Measures of each member's final parameters (see `experiments.measures`)."""
+
+    num_examples: int = option(1000, **Positive, doc="training examples measured on")
+    chunk_size: int = option(1000, **Positive)
+    measures: tuple[Literal[MEASURES], ...] = ("lambda_max",)
+    rho: float = option(0.05, gt=0)
+    adaptive_rho: float = option(0.5, gt=0)
+    ascent_steps: int = option(10, **Positive)
+    random_trials: int = option(8, **Positive)
+    keskar_epsilon: float = option(1e-3, gt=0)
+    pac_bayes_threshold: float = option(0.1, gt=0)
+    lanczos_steps: int = option(20, **Positive)
+    trace_probes: int = option(30, **Positive)
+
+
+@dataclass(frozen=True)
+class Record:
+    """Curvature along training, every `every` steps (0: off)."""
+
+    every: int = option(0, ge=0, le=10**9)
+    measures: tuple[Literal[RECORD_MEASURES], ...] = ("lambda_max",)
+    num_examples: int = option(1000, **Positive)
+    chunk_size: int = option(1000, **Positive)
+    lanczos_steps: int = option(20, **Positive)
+    probes: int = option(10, **Positive)
+    index_steps: int = option(80, **Positive)
+
+    def check(self, where):
+        check(len(self.measures) > 0, f"{where}.measures must not be empty")
+        check("noise_scale" not in self.measures or self.num_examples > 1,
+              f"{where}.num_examples must be at least 2 to record noise_scale")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A sweep study."""
+
+    name: str = option("study", doc="names the default run directory runs/<name>-<time>")
+    description: str = ""
+    study: str = option("sweep", doc="`sweep`, or a study of `experiments.studies`")
+    data: Data = None
+    model: Model = None
+    optimizer: Optimizer = None
+    train: Train = None
+    measure: Measure = None
+    record: Record = None
+    sweep: dict = option(factory=dict, doc="dotted path -> list; [[sweep.zip]] tables")
+
+    def check(self, where):
+        check_name(self.name)
+        check(self.record.every % self.train.record_every == 0,
+              f"record.every ({self.record.every}) must be a multiple of "
+              f"train.record_every ({self.train.record_every})")
+
+
+def check_name(name: str) -> None:
+    """A run's name becomes a directory name: no separators, no `..`."""
+    check(bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+          and not name.startswith("."),
+          f"name must be a plain file name (no '/', '\\' or leading '.'), got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +248,7 @@ class Member:
 
     index: int
     config: dict
+    point: dict = dataclasses.field(default_factory=dict)  # sweep key -> value
 
     def get(self, path: str) -> Any:
         return get_path(self.config, path)
@@ -84,44 +266,34 @@ def get_path(cfg: dict, path: str) -> Any:
 def set_path(cfg: dict, path: str, value: Any) -> None:
     parts = path.split(".")
     node = cfg
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
+        if part not in node and parts[0] in ("optimizer", "model") and i > 0:
+            node[part] = {}
         if not isinstance(node.get(part), dict):
-            raise ConfigError(f"unknown config key '{path}'")
+            raise ConfigError(f"unknown config key '{path}'" if part not in node else
+                              f"'{'.'.join(parts[:i + 1])}' is a value, not a table")
         node = node[part]
-    if parts[-1] not in node and parts[0] not in ("optimizer", "sweep"):
-        raise ConfigError(f"unknown config key '{path}'")
     node[parts[-1]] = value
 
 
 def config_path(name_or_path: str | None) -> Path:
-    """A config file: a path, or the name of one shipped in `configs/`."""
+    """A config file: a path, or the name of one shipped in `configs/`. Anything that
+    looks like a path (a separator or a `.toml` suffix) must exist."""
     name = name_or_path or DEFAULT_CONFIG
+    check(isinstance(name, str), f"a config is a path or a shipped name, got {name!r}")
     path = Path(name)
-    if path.suffix == ".toml" and path.exists():
+    if path.suffix == ".toml" or len(path.parts) > 1:
+        check(path.is_file(), f"no config file {name}")
         return path
-    shipped = resources.files("configs") / f"{path.stem}.toml"
-    if shipped.is_file():
-        return Path(str(shipped))
-    raise ConfigError(f"no config '{name}': give a .toml path or one of "
-                      f"{', '.join(list_configs())}")
+    shipped = resources.files("configs") / f"{name}.toml"
+    check(shipped.is_file(), f"no config '{name}': give a .toml path or one of "
+                             f"{', '.join(list_configs())}")
+    return Path(str(shipped))
 
 
 def list_configs() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("configs").iterdir()
                   if p.name.endswith(".toml"))
-
-
-def _merge(base: dict, update: dict, where: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        path = f"{where}{key}"
-        if key not in out and where.split(".")[0] not in ("optimizer", "sweep"):
-            raise ConfigError(f"unknown config key '{path}'")
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, f"{path}.")
-        else:
-            out[key] = value
-    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -136,210 +308,197 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load(name_or_path: str | None = None, overrides: list[str] = ()) -> dict:
-    """Read a config (path or shipped name), apply `key=value` overrides, validate."""
+def read(name_or_path: str | None) -> dict:
+    """The raw TOML of a config (path or shipped name)."""
     path = config_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
-    cfg = _merge(defaults(raw.get("study", "sweep")), raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str] = ()) -> dict:
+    """`raw` with `key=value` overrides applied (`sweep.*` keys are paths themselves)."""
+    out = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
-        if key.startswith("sweep.") and "sweep" not in cfg:
-            raise ConfigError(f"'{key}': study '{cfg['study']}' has no [sweep] table")
-        if key.startswith("sweep."):  # sweep keys are dotted paths themselves
-            cfg["sweep"][key[len("sweep."):]] = value
+        if key.startswith("sweep."):
+            check(out.get("study", "sweep") == "sweep" or "sweep" in out,
+                  f"'{key}': study '{out.get('study')}' has no [sweep] table")
+            out.setdefault("sweep", {})[key[len("sweep."):]] = value
         else:
-            set_path(cfg, SHORTHANDS.get(key, key), value)
-    validate(cfg)
-    return cfg
+            _set_override(out, SHORTHANDS.get(key, key), value)
+    return out
 
 
-def defaults(study: str) -> dict:
-    """The defaults a config of `study` is merged over: the sweep tables, or a custom
-    study's own tables (see `experiments.studies`)."""
-    from experiments import studies
-
-    module = studies.get(study)
-    if module is None or module.SWEEP:
-        return DEFAULTS
-    return {"name": module.NAME, "description": "", "study": study, **module.DEFAULTS}
+def _set_override(cfg: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        check(isinstance(node, dict), f"'{path}': '{part}' is not a table")
+    node[parts[-1]] = value
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
+def load(name_or_path: str | None = None, overrides: list[str] = (), *,
+         data_sizes=None) -> dict:
+    """Read a sweep config (path or shipped name), apply overrides, validate; returns the
+    resolved config. `data_sizes(data_table) -> (num_train, num_test)` checks batch
+    sizes against the data (default: `experiments.data.sizes`)."""
+    return validate(apply_overrides(read(name_or_path), overrides), data_sizes=data_sizes)
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def resolve(raw: dict) -> dict:
+    """The tables of a sweep config checked and filled in with their defaults."""
+    return as_dict(build(Config, raw))
 
 
-def validate(cfg: dict) -> None:
-    """Check types and ranges of a resolved config (grid values included)."""
-    from experiments import studies
-
-    module = studies.get(cfg.get("study", "sweep"))
-    if module is not None and not module.SWEEP:
-        module.validate(cfg)
-        return
-    _check(cfg["data"]["name"] in ("mnist1d", "teacher_student"),
-           f"data.name must be 'mnist1d' or 'teacher_student', got {cfg['data']['name']!r}")
-    model = cfg["model"]
-    _check(model["name"] in ("mlp", "cnn", "cnn_bn", "resnet", "transformer"),
-           f"model.name must be 'mlp', 'cnn', 'cnn_bn', 'resnet' or 'transformer', got "
-           f"{model['name']!r}")
-    for key in ("hidden", "channels"):
-        v = model[key]
-        _check(isinstance(v, list) and all(isinstance(h, int) and h > 0 for h in v),
-               f"model.{key} must be a list of positive integers, got {v!r}")
-    for key in ("kernel_size", "width", "depth", "embed_dim", "num_blocks", "num_heads",
-                "patch_size"):
-        _check(isinstance(model[key], int) and model[key] > 0,
-               f"model.{key} must be a positive integer, got {model[key]!r}")
-    _check(model["embed_dim"] % model["num_heads"] == 0,
-           f"model.num_heads must divide model.embed_dim ({model['embed_dim']}), got "
-           f"{model['num_heads']!r}")
-    _check(isinstance(model["skip"], bool), f"model.skip must be true or false, got "
-                                            f"{model['skip']!r}")
-    tr = cfg["train"]
-    for key in ("steps", "epochs", "record_every"):
-        _check(isinstance(tr[key], int) and not isinstance(tr[key], bool) and tr[key] >= 0,
-               f"train.{key} must be a non-negative integer, got {tr[key]!r}")
-    _check(tr["steps"] > 0 or tr["epochs"] > 0, "set train.steps or train.epochs above 0")
-    _check(tr["record_every"] > 0, "train.record_every must be positive")
-    _check(_is_number(tr["until_train_loss"]) and tr["until_train_loss"] >= 0,
-           f"train.until_train_loss must be a number >= 0, got {tr['until_train_loss']!r}")
-    _check(_is_number(tr["diverge_above"]) and tr["diverge_above"] > 0,
-           f"train.diverge_above must be a number > 0, got {tr['diverge_above']!r}")
-    _check(tr["loss"] in ("cross_entropy", "mse"),
-           f"train.loss must be 'cross_entropy' or 'mse', got {tr['loss']!r}")
-    _check_recording(cfg)
-    ms = cfg["measure"]
-    _check(isinstance(ms["measures"], list) and all(m in MEASURES for m in ms["measures"]),
-           f"measure.measures must be a list drawn from {', '.join(MEASURES)}; "
-           f"got {ms['measures']!r}")
-    for key in ("num_examples", "chunk_size", "lanczos_steps", "trace_probes",
-                "ascent_steps", "random_trials"):
-        _check(isinstance(ms[key], int) and ms[key] > 0,
-               f"measure.{key} must be a positive integer, got {ms[key]!r}")
-    for key in ("rho", "adaptive_rho", "keskar_epsilon", "pac_bayes_threshold"):
-        _check(_is_number(ms[key]) and ms[key] > 0,
-               f"measure.{key} must be a number > 0, got {ms[key]!r}")
-    sweep = cfg["sweep"]
-    _check(isinstance(sweep, dict), "[sweep] must be a table of lists")
-    for key, values in sweep.items():
-        _check(isinstance(values, list) and len(values) > 0,
-               f"sweep.{key} must be a non-empty list, got {values!r}")
-        path = SHORTHANDS.get(key, key)
-        get_path(cfg, path) if not path.startswith("optimizer.") else None
-    num_train = cfg["data"]["num_train"]
-    for member in expand(cfg):
-        bs = member.get("train.batch_size")
-        _check(isinstance(bs, int) and bs > 0, f"train.batch_size must be a positive "
-                                               f"integer, got {bs!r}")
-        _check(bs <= num_train, f"batch size {bs} is larger than the training set "
-                                f"({num_train} examples)")
-        lr = member.get("optimizer.learning_rate")
-        _check(_is_number(lr) and lr > 0, f"optimizer.learning_rate must be > 0, got {lr!r}")
-        _check(isinstance(member.get("train.seed"), int), "train.seed must be an integer")
-        l2 = member.get("train.l2")
-        _check(_is_number(l2) and l2 >= 0, f"train.l2 must be a number >= 0, got {l2!r}")
-        noise = member.get("data.label_noise")
-        _check(_is_number(noise) and 0 <= noise <= 1,
-               f"data.label_noise must be a number in [0, 1], got {noise!r}")
-    _check_optimizers(cfg)
-
-
-def _check_recording(cfg: dict) -> None:
-    rec, every = cfg["record"], cfg["record"]["every"]
-    for key in ("every", "num_examples", "chunk_size", "lanczos_steps", "probes",
-                "index_steps"):
-        v = rec[key]
-        _check(isinstance(v, int) and not isinstance(v, bool)
-               and v >= (0 if key == "every" else 1),
-               f"record.{key} must be a {'non-negative' if key == 'every' else 'positive'} "
-               f"integer, got {v!r}")
-    _check(every % cfg["train"]["record_every"] == 0,
-           f"record.every ({every}) must be a multiple of train.record_every "
-           f"({cfg['train']['record_every']})")
-    _check(isinstance(rec["measures"], list) and len(rec["measures"]) > 0 and all(
-        m in RECORD_MEASURES for m in rec["measures"]),
-           f"record.measures must be a non-empty list drawn from "
-           f"{', '.join(RECORD_MEASURES)}; got {rec['measures']!r}")
-    _check("noise_scale" not in rec["measures"] or rec["num_examples"] > 1,
-           "record.num_examples must be at least 2 to record noise_scale")
-
-
-def _check_optimizers(cfg: dict) -> None:
-    """Build each distinct optimizer once so a bad name or value fails before training."""
-    import transforms as tx
-
+def validate(cfg: dict, *, data_sizes=None, allow_large: bool = False) -> dict:
+    """Check a sweep config's tables and every point of its grid; returns it resolved."""
+    resolved = resolve(cfg)
+    _check_sweep(resolved, allow_large)
+    sizes = data_sizes or _default_sizes
     seen = set()
-    for member in expand(cfg):
-        opt = dict(member.config["optimizer"])
-        name = opt.pop("name")
-        schedule = opt.pop("schedule", "constant")
-        _check(schedule in ("constant", "cosine"),
-               f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
-        key = json.dumps([name, opt], sort_keys=True, default=str)
-        if key in seen:
-            continue
-        seen.add(key)
-        if name == "kfac":
-            # Its layers come from the model when training starts; check the other
-            # hyper-parameters against the layers of a one-matrix stand-in.
-            import jax.numpy as jnp
+    for member in expand(resolved):
+        # Each member is checked as a config of its own: types, ranges, the data.
+        member_cfg = resolve(member.config)
+        n_train, _ = sizes(member_cfg["data"])
+        bs = member_cfg["train"]["batch_size"]
+        check(bs <= n_train, f"batch size {bs} is larger than the training set "
+                             f"({n_train} examples)")
+        opt = json.dumps(member_cfg["optimizer"], sort_keys=True)
+        if opt not in seen:
+            seen.add(opt)
+            check_optimizer(member_cfg["optimizer"])
+    return resolved
 
-            opt.setdefault("layers", tx.find_dense_layers(
-                lambda w, x: x @ w, jnp.zeros((2, 2)), jnp.zeros((1, 2))))
-        try:
-            tx.make(name, **opt)
-        except ValueError as e:
-            raise ConfigError(f"optimizer: {e}") from None
+
+def _default_sizes(data_table: dict) -> tuple[int, int]:
+    return dataset_sizes(data_table)
+
+
+def check_optimizer(table: dict) -> None:
+    """Build the optimizer once so a bad name or hyper-parameter fails before training.
+    K-FAC takes its layers from the model when training starts; here a one-matrix
+    stand-in supplies them."""
+    hyper = {k: v for k, v in table.items() if k not in ("name", "schedule")}
+    if table["name"] == "kfac":
+        import jax.numpy as jnp
+
+        hyper["layers"] = tx.find_dense_layers(lambda w, x: x @ w, jnp.zeros((2, 2)),
+                                               jnp.zeros((1, 2)))
+    try:
+        tx.make(table["name"], **hyper)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optimizer: {str(e).splitlines()[0]}") from None
+
+
+def axes(cfg: dict) -> list[tuple[list[str], list[tuple]]]:
+    """The grid's axes: (sweep keys, their value tuples); a zip table is one axis."""
+    out = []
+    for key, values in cfg["sweep"].items():
+        if key == "zip":
+            for table in values:
+                out.append((list(table), list(zip(*table.values()))))
+        else:
+            out.append(([key], [(v,) for v in values]))
+    return out
+
+
+def sweep_keys(cfg: dict) -> list[str]:
+    """Every swept key as written in `[sweep]` (zipped keys included), in order."""
+    return [k for keys, _ in axes(cfg) for k in keys]
+
+
+def _check_sweep(cfg: dict, allow_large: bool) -> None:
+    sweep = cfg["sweep"]
+    for key, values in sweep.items():
+        if key == "zip":
+            check(isinstance(values, list) and values and all(
+                isinstance(t, dict) and t for t in values),
+                "sweep.zip must be a list of tables ([[sweep.zip]])")
+            for table in values:
+                lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in table.items()}
+                check(all(n > 0 for n in lengths.values()),
+                      f"each key of a [[sweep.zip]] table needs a non-empty list; got "
+                      f"{table!r}")
+                check(len(set(lengths.values())) == 1,
+                      "the lists of a [[sweep.zip]] table must have equal lengths; got " +
+                      ", ".join(f"{k}: {n}" for k, n in lengths.items()))
+            continue
+        check(isinstance(values, list) and len(values) > 0,
+              f"sweep.{key} must be a non-empty list, got {values!r}")
+    keys = sweep_keys(cfg)
+    check(len(set(map(_path, keys))) == len(keys), "a key is swept twice in [sweep]")
+    for key in keys:
+        path = _path(key)
+        check(path.split(".")[0] in ("data", "model", "optimizer", "train", "measure",
+                                     "record"), f"sweep.{key}: unknown config key '{path}'")
+    size = math.prod(len(v) for _, v in axes(cfg))
+    check(allow_large or size <= MAX_MEMBERS,
+          f"the grid has {size} members, above the limit of {MAX_MEMBERS}; pass --yes "
+          "(allow_large=True) to run it")
+
+
+def _path(key: str) -> str:
+    return SHORTHANDS.get(key, key)
+
+
+def grid_size(cfg: dict) -> int:
+    return math.prod(len(v) for _, v in axes(cfg))
+
 
 def expand(cfg: dict) -> list[Member]:
-    """The grid: one `Member` per combination of the `[sweep]` values, in order."""
-    keys = list(cfg["sweep"])
+    """The grid: one `Member` per combination of the sweep's axes, in order."""
+    base = {k: v for k, v in cfg.items() if k != "sweep"}
+    grid = axes(cfg)
     members = []
-    for i, combo in enumerate(itertools.product(*(cfg["sweep"][k] for k in keys))):
-        resolved = copy.deepcopy({k: v for k, v in cfg.items() if k != "sweep"})
-        for key, value in zip(keys, combo):
-            set_path(resolved, SHORTHANDS.get(key, key), value)
-        members.append(Member(i, resolved))
+    for i, combo in enumerate(itertools.product(*(values for _, values in grid))):
+        resolved = copy.deepcopy(base)
+        point = {}
+        for (keys, _), values in zip(grid, combo):
+            for key, value in zip(keys, values):
+                point[key] = value
+        if "model.name" in point and point["model.name"] != base["model"]["name"]:
+            resolved["model"] = {"name": point["model.name"]}  # the variant's defaults
+        for key, value in point.items():
+            set_path(resolved, _path(key), value)
+        members.append(Member(i, resolved, point))
     return members
 
 
 def swept_paths(cfg: dict) -> list[str]:
-    return [SHORTHANDS.get(k, k) for k in cfg["sweep"]]
+    return [_path(k) for k in sweep_keys(cfg)]
 
 
 def vmapped_paths(cfg: dict) -> list[str]:
-    """Swept paths that vary inside a group (see ALWAYS_VMAPPED); an optimizer's float
-    hyper-parameters only if every optimizer of the study accepts traced values."""
-    import transforms as tx
-
-    names = cfg["sweep"].get("optimizer.name", [cfg["optimizer"]["name"]])
-    traced = all(name in tx.names() and tx.registry.accepts_traced(name) for name in names)
+    """Swept paths that vary inside a group (see ALWAYS_VMAPPED): an optimizer's float
+    hyper-parameters only if every optimizer of the study is one of Basin's (whose
+    builders all accept traced hyper-parameters; optax's may branch on values)."""
+    names = [m.get("optimizer.name") for m in expand(cfg)] if cfg["sweep"] else [
+        cfg["optimizer"]["name"]]
+    basin = all(name in tx.names() and tx.registry.accepts_traced(name) for name in names)
     out = []
-    for key, values in cfg["sweep"].items():
-        path = SHORTHANDS.get(key, key)
-        if path in ALWAYS_VMAPPED or (traced and path.startswith("optimizer.") and
-                                      all(isinstance(v, float) for v in values)):
-            out.append(path)
+    for keys, values in axes(cfg):
+        for j, key in enumerate(keys):
+            path = _path(key)
+            floats = all(isinstance(v[j], float) for v in values)
+            if path in ALWAYS_VMAPPED or (basin and floats and path.startswith(
+                    "optimizer.") and path != "optimizer.name"):
+                out.append(path)
     return out
 
 
-def group_key(member: Member, cfg: dict) -> str:
+def group_key(member: Member, cfg: dict, vmapped: set | None = None) -> str:
     """Members with equal keys share shapes and a program: one compilation, vmapped."""
-    vmapped = set(vmapped_paths(cfg))
+    vmapped = set(vmapped_paths(cfg)) if vmapped is None else vmapped
     fixed = {p: member.get(p) for p in swept_paths(cfg) if p not in vmapped}
     return json.dumps(fixed, sort_keys=True)
 
 
 def groups(cfg: dict) -> dict[str, list[Member]]:
+    vmapped = set(vmapped_paths(cfg))
     out: dict[str, list[Member]] = {}
     for m in expand(cfg):
-        out.setdefault(group_key(m, cfg), []).append(m)
+        out.setdefault(group_key(m, cfg, vmapped), []).append(m)
     return out

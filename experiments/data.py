@@ -6,7 +6,10 @@ import functools
 import random
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+
+from experiments.schema import ConfigError
 
 
 class Dataset(NamedTuple):
@@ -38,7 +41,7 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, train_split: float = 0.8) -
 
     if num_samples < 10 or not 0.0 < train_split < 1.0:
         raise ValueError("mnist1d needs num_samples >= 10 and 0 < train_split < 1; got "
-                         f"num_samples={num_samples}, train_split={train_split}.")
+                          f"num_samples={num_samples}, train_split={train_split}.")
     args = get_dataset_args()
     args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -97,7 +100,7 @@ def randomize_labels(labels: np.ndarray, fraction: float, num_classes: int,
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"`labels` must be a 1-D integer array; got shape {labels.shape} "
-                         f"and dtype {labels.dtype}.")
+                          f"and dtype {labels.dtype}.")
     if isinstance(fraction, bool) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"`fraction` must be a number in [0, 1]; got {fraction!r}.")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -110,3 +113,179 @@ def randomize_labels(labels: np.ndarray, fraction: float, num_classes: int,
     out = labels.astype(np.int32).copy()
     out[chosen] = rng.integers(0, num_classes, size=chosen.shape[0])
     return NoisyLabels(out, redrawn)
+
+
+# The digits split: scikit-learn's bundled 8×8 digits (1 797 images), shuffled once with
+# this seed, the first 1 437 for training and the last 360 for testing (80/20).
+DIGITS_SEED, DIGITS_TRAIN = 0, 1437
+
+
+@functools.lru_cache(maxsize=1)
+def digits() -> Dataset:
+    """scikit-learn's bundled `load_digits` (UCI optical digits: 8×8 images with values
+    0–16, 10 classes), no download. Inputs are flattened to 64 features and scaled to
+    [0, 1]; the split is fixed: a permutation drawn with `DIGITS_SEED`, 1 437 train and
+    360 test examples.
+
+    Example:
+      >>> d = digits()
+      >>> d.x_train.shape, d.x_test.shape   # (1437, 64), (360, 64)
+    """
+    from sklearn.datasets import load_digits  # scikit-learn is slow to import
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(DIGITS_SEED).permutation(len(y))
+    x = (x[order] / 16.0).astype(np.float32)
+    y = y[order].astype(np.int32)
+    return Dataset(x[:DIGITS_TRAIN], y[:DIGITS_TRAIN], x[DIGITS_TRAIN:], y[DIGITS_TRAIN:])
+
+
+class ArrayData(NamedTuple):
+    """Your own data for `experiments.run(..., data=ArrayData(...))`: inputs of any shape
+    with a leading example axis; integer labels (classification) or float targets (mse).
+
+    Example:
+      >>> data = ArrayData(x_train, y_train, x_test, y_test)
+      >>> experiments.run(config, model=(init_fn, apply_fn), data=data)
+    """
+
+    x_train: object
+    y_train: object
+    x_test: object
+    y_test: object
+    num_classes: int | None = None  # default: the largest label + 1
+
+
+def check_arrays(data: ArrayData, where: str = "data") -> Dataset:
+    """The arrays as a `Dataset` (numpy), or ValueError naming what is wrong: lengths
+    that differ, non-finite inputs, labels that are neither integers nor floats."""
+    if not isinstance(data, tuple) or len(data) not in (4, 5):
+        raise ConfigError(f"{where} must be ArrayData(x_train, y_train, x_test, y_test); "
+                          f"got {type(data).__name__}")
+    num_classes = data[4] if len(data) == 5 else None
+    arrays = [np.asarray(a) for a in data[:4]]
+    names = ("x_train", "y_train", "x_test", "y_test")
+    for name, a in zip(names, arrays):
+        if a.ndim == 0 or a.shape[0] == 0:
+            raise ConfigError(f"{where}.{name} must have a leading example axis of length "
+                             f">= 1; got shape {a.shape}")
+        if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+            raise ConfigError(f"{where}.{name} must hold numbers; got dtype {a.dtype}")
+    for x, y, split in ((arrays[0], arrays[1], "train"), (arrays[2], arrays[3], "test")):
+        if x.shape[0] != y.shape[0]:
+            raise ConfigError(f"{where}: x_{split} has {x.shape[0]} examples but y_{split} "
+                             f"has {y.shape[0]}")
+    for name, a in zip(names, arrays):
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            raise ConfigError(f"{where}.{name} holds NaN or inf values")
+    if arrays[0].shape[1:] != arrays[2].shape[1:]:
+        raise ConfigError(f"{where}: x_train examples have shape {arrays[0].shape[1:]} but "
+                          f"x_test examples {arrays[2].shape[1:]}")
+    integer = [np.issubdtype(a.dtype, np.integer) for a in (arrays[1], arrays[3])]
+    if integer[0] != integer[1]:
+        raise ConfigError(f"{where}: y_train and y_test must both be integer labels or both "
+                          "float targets")
+    if integer[0]:
+        low = min(arrays[1].min(), arrays[3].min())
+        high = max(arrays[1].max(), arrays[3].max())
+        limit = num_classes if num_classes is not None else high + 1
+        if low < 0 or high >= limit:
+            raise ConfigError(f"{where}: labels must be in [0, {limit}); found "
+                              f"{low if low < 0 else high}")
+    x_dtype = np.float32 if not np.issubdtype(arrays[0].dtype, np.float64) else np.float64
+    return Dataset(arrays[0].astype(x_dtype), arrays[1], arrays[2].astype(x_dtype),
+                   arrays[3])
+
+
+def read_npz(path: str) -> Dataset:
+    """An `.npz` file with the arrays `x_train`, `y_train`, `x_test`, `y_test`."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ArrayData._fields[:4] if k not in f.files]
+            if missing:
+                raise ConfigError(f"data.path {path} lacks the array(s) {', '.join(missing)}")
+            arrays = ArrayData(*(f[k] for k in ArrayData._fields[:4]))
+    except (OSError, EOFError) as e:
+        raise ConfigError(f"data.path: cannot read {path}: {e}") from None
+    return check_arrays(arrays, f"data.path {path}")
+
+
+def dataset(table: dict, arrays: ArrayData | None = None) -> Dataset:
+    """The whole dataset a config's `[data]` table names (before any subsetting)."""
+    name = table["name"]
+    if name == "arrays":
+        if arrays is None:
+            raise ConfigError("data.name = 'arrays' needs experiments.run(..., data=ArrayData(...))")
+        return check_arrays(arrays)
+    if name == "npz":
+        return read_npz(table["path"])
+    if name == "digits":
+        return digits()
+    if name == "teacher_student":
+        return teacher_student(table["num_train"] or 512, table["num_test"] or 256,
+                               seed=table["seed"])
+    return mnist1d()
+
+
+# Split sizes of the built-in datasets, known without generating them.
+_SIZES = {"mnist1d": (4000, 1000), "digits": (DIGITS_TRAIN, 1797 - DIGITS_TRAIN)}
+
+
+def sizes(table: dict, arrays: ArrayData | None = None) -> tuple[int, int]:
+    """`(num_train, num_test)` that a `[data]` table selects; ValueError if it asks for
+    more examples than the dataset has. Cheap: npz shapes are read, nothing generated."""
+    name = table["name"]
+    if name in _SIZES:
+        total = _SIZES[name]
+    elif name == "teacher_student":
+        total = (table["num_train"] or 512, table["num_test"] or 256)
+    elif name == "npz":
+        total = _npz_lengths(table["path"])
+    else:
+        total = (len(arrays.y_train), len(arrays.y_test)) if arrays is not None else (
+            table["num_train"] or 1, table["num_test"] or 1)
+    want = (table["num_train"] or total[0], table["num_test"] or total[1])
+    for key, n, have in zip(("num_train", "num_test"), want, total):
+        if n > have:
+            raise ConfigError(f"data.{key} = {n} is more than the {have} examples of "
+                             f"{name}'s {key.split('_')[1]} split")
+    return want
+
+
+def _npz_lengths(path: str) -> tuple[int, int]:
+    try:
+        with np.load(path, mmap_mode="r", allow_pickle=False) as f:
+            return len(f["y_train"]), len(f["y_test"])
+    except (OSError, KeyError, ValueError, EOFError) as e:
+        raise ConfigError(f"data.path: cannot read {path} as an npz of x_train, y_train, "
+                          f"x_test, y_test ({e})") from None
+
+
+class Splits(NamedTuple):
+    """What the runner trains on: `(inputs, targets)` pairs of device arrays, and the
+    number of classes (None for float targets: regression)."""
+
+    train: tuple
+    test: tuple
+    num_classes: int | None
+
+
+def load(table: dict, arrays: ArrayData | None = None) -> Splits:
+    """The `[data]` table's train and test splits (the first `num_train` / `num_test`
+    examples; training labels redrawn when `label_noise` > 0, test labels never)."""
+    data = dataset(table, arrays)
+    n_train, n_test = sizes(table, arrays)
+    y_train, y_test = data.y_train[:n_train], data.y_test[:n_test]
+    classes = None
+    if np.issubdtype(y_train.dtype, np.integer):
+        classes = int(max(data.y_train.max(), data.y_test.max())) + 1
+        classes = max(classes, 2)
+        if arrays is not None and len(arrays) == 5 and arrays[4] is not None:
+            classes = int(arrays[4])
+    if table.get("label_noise", 0.0) > 0:
+        if classes is None:
+            raise ConfigError("data.label_noise needs integer labels")
+        y_train = randomize_labels(y_train, float(table["label_noise"]), classes,
+                                   seed=table["seed"]).labels
+    return Splits((jnp.asarray(data.x_train[:n_train]), jnp.asarray(y_train)),
+                  (jnp.asarray(data.x_test[:n_test]), jnp.asarray(y_test)), classes)

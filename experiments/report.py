@@ -61,7 +61,7 @@ def granulated_kendall(records: list[dict], measure: str, axes: list[str],
 
 
 def _axes(cfg: dict, records: list[dict]) -> list[str]:
-    return [k for k in cfg["sweep"] if k != "seed" and len({r[k] for r in records}) > 1]
+    return [k for k in cfglib.sweep_keys(cfg) if k != "seed" and len({r[k] for r in records}) > 1]
 
 
 def _scatter(records, measures, path: Path) -> None:
@@ -185,7 +185,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Over batch size and learning rate", "", "![heatmaps](heatmaps.png)", ""]
     _curves(results, records, path / "training_curves.png")
     lines += ["## Training", "", "![training curves](training_curves.png)", ""]
-    cols = [k for k in cfg["sweep"]] + ["status", "steps", "train_loss", "train_accuracy",
+    cols = cfglib.sweep_keys(cfg) + ["status", "steps", "train_loss", "train_accuracy",
                                         "test_accuracy", GAP] + measures
     lines += ["## Members", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in records]

@@ -23,15 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
+from experiments import build
 from experiments import config as cfglib
-from experiments.data import mnist1d, randomize_labels, teacher_student
+from experiments import data as datalib
 from experiments.measure import make_measure_program
 from experiments.store import Store
 from experiments.train import (
     CONVERGED,
     DIVERGED,
-    build_model,
     loss_function,
     make_group_program,
     record_steps,
@@ -60,9 +61,8 @@ class Results:
 
     def summary(self) -> dict:
         """A custom study's results (`results.json`, see `experiments.studies`)."""
-        from experiments.studies import load_json
-
-        return load_json(self.path / "results.json", {})
+        path = self.path / "results.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def to_dataframe(self):
         """The records as a pandas DataFrame (needs pandas, which Basin does not require)."""
@@ -85,36 +85,14 @@ def _shard(tree: Any, mesh: Mesh | None) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("members")))
 
 
-def _load_data(d: dict):
-    """The `[data]` table's train and test sets as device arrays (labels of the training
-    set randomized when `label_noise` > 0; the test labels never are)."""
-    if d["name"] == "teacher_student":
-        data = teacher_student(d["num_train"], d["num_test"], seed=d["seed"])
-    else:
-        data = mnist1d()
-    if not 0 < d["num_train"] <= len(data.y_train) or not 0 < d["num_test"] <= len(data.y_test):
-        raise cfglib.ConfigError(
-            f"data.num_train must be in 1..{len(data.y_train)} and data.num_test in "
-            f"1..{len(data.y_test)}; got {d['num_train']} and {d['num_test']}")
-    y_train = data.y_train[: d["num_train"]]
-    if d.get("label_noise", 0.0) > 0:
-        y_train = randomize_labels(y_train, float(d["label_noise"]), data.num_classes,
-                                   seed=d["seed"]).labels
-    train = (jnp.asarray(data.x_train[: d["num_train"]]), jnp.asarray(y_train))
-    test = (jnp.asarray(data.x_test[: d["num_test"]]), jnp.asarray(data.y_test[: d["num_test"]]))
-    return train, test, data.num_classes
-
-
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
 
 
-def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
-              num_classes: int, progress: bool = False,
+def run_group(cfg: dict, key: str, members: list[cfglib.Member], model: build.Model,
+              train, test, progress: bool = False,
               cache: dict | None = None) -> tuple[list[dict], float, float]:
     """Train and measure one group; returns (member rows, seconds, compile seconds).
 
@@ -123,7 +101,6 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
     """
     cache = {} if cache is None else cache
     first = members[0]
-    model = build_model(first.config["model"], train[0].shape[1], num_classes)
     opt_cfg = dict(first.config["optimizer"])
     hyper_paths = sorted({"optimizer.learning_rate"} | {
         p for p in cfglib.vmapped_paths(cfg) if p.startswith("optimizer.")})
@@ -193,46 +170,48 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], train, test,
                            if not math.isnan(v[i, j])] for k, v in records.items()})
         rows.append({
             "index": mb.index,
-            "point": {k: mb.get(cfglib.SHORTHANDS.get(k, k)) for k in cfg["sweep"]},
+            "point": dict(mb.point),
             "status": name, "steps": int(taken[i]), "measures": values, "curves": curves,
         })
     return rows, seconds, compile_seconds
 
 
-def run(config: dict | str | None = None, *, overrides: list[str] = (),
-        out: str | Path | None = None, resume: str | Path | None = None,
-        progress: bool = False, log=None) -> Results:
-    """Run a study and return its `Results`; the Python API under `basin run`.
+def model_for(table: dict, spec, splits: datalib.Splits) -> build.Model:
+    """The group's model: the Python object given to `experiments.run`, or the
+    `[model]` table's, checked against the data's inputs and targets."""
+    x, y = splits.train
+    if spec is None and table["name"] == "python" and not table.get("factory"):
+        raise cfglib.ConfigError("model.name = 'python' needs model.factory (or "
+                                 "experiments.run(..., model=...))")
+    num_outputs = splits.num_classes or int(y[:1].size)
+    model = (build.builtin(table, x[:1], num_outputs) if spec is None
+             else build.as_model(spec, x[:1]))
+    build.check_outputs(model, x[:2], y, splits.num_classes)
+    return model
 
-    Args:
-      config: a resolved config dict, a config path or shipped name (None: the default).
-      overrides: `key=value` strings applied on top (as `basin run --set`).
-      out: the run directory (default `runs/<name>-<timestamp>`).
-      resume: an existing run directory: finished groups are skipped.
 
-    Example:
-      >>> res = experiments.run("sharpness_vs_generalization", overrides=["train.steps=200"])
-      >>> res.records()[0]["lambda_max"]
-    """
+def preflight(cfg: dict, model=None, arrays=None) -> dict:
+    """Load each distinct dataset of the grid and build each distinct model on it, so a
+    bad factory, bad data or a model that does not fit the targets fails before any
+    run directory exists; returns the loaded datasets by `[data]` table."""
+    datasets, checked = {}, set()
+    for members in cfglib.groups(cfg).values():
+        first = members[0].config
+        data_key = json.dumps(first["data"], sort_keys=True)
+        if data_key not in datasets:
+            datasets[data_key] = datalib.load(first["data"], arrays)
+        key = json.dumps([first["model"], data_key], sort_keys=True)
+        if key not in checked:
+            checked.add(key)
+            model_for(first["model"], model, datasets[data_key])
+    return datasets
+
+
+def run_sweep(cfg: dict, path: Path, *, model=None, arrays=None, progress: bool = False,
+              log=None, datasets: dict | None = None) -> Results:
+    """Train and measure a resolved sweep config's grid into run directory `path`,
+    skipping the groups its store already holds."""
     log = log or (lambda msg: None)
-    if resume is not None:
-        path = Path(resume)
-        if not (path / "config.json").is_file():
-            raise cfglib.ConfigError(f"cannot resume: {path} holds no config.json")
-        cfg = json.loads((path / "config.json").read_text())
-    else:
-        cfg = config if isinstance(config, dict) else cfglib.load(config, list(overrides))
-        if isinstance(config, dict):
-            cfglib.validate(cfg)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path(out) if out is not None else Path("runs") / f"{cfg['name']}-{stamp}"
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    from experiments import studies
-
-    if studies.is_custom(cfg):
-        studies.get(cfg["study"]).run(cfg, path, log)
-        return Results(path)
     groups = cfglib.groups(cfg)
     mine = list(groups.items())[jax.process_index()::jax.process_count()]
     with Store(path / "results.sqlite") as store:
@@ -243,18 +222,19 @@ def run(config: dict | str | None = None, *, overrides: list[str] = (),
             f"local device(s)")
         bar = None
         if progress:
-            from tqdm import tqdm
             bar = tqdm(total=len(todo), desc="groups", unit="group", file=sys.stderr)
         cache: dict = {}
-        datasets: dict = {}
+        datasets = {} if datasets is None else datasets
         for key, members in todo:
             # Data keys may be swept (label noise, training-set size): load per group.
-            data_key = json.dumps(members[0].config["data"], sort_keys=True)
+            first = members[0].config
+            data_key = json.dumps(first["data"], sort_keys=True)
             if data_key not in datasets:
-                datasets[data_key] = _load_data(members[0].config["data"])
-            train, test, num_classes = datasets[data_key]
-            rows, seconds, compile_seconds = run_group(cfg, key, members, train, test,
-                                                       num_classes, progress, cache)
+                datasets[data_key] = datalib.load(first["data"], arrays)
+            splits = datasets[data_key]
+            net = model_for(first["model"], model, splits)
+            rows, seconds, compile_seconds = run_group(cfg, key, members, net,
+                                                       *splits[:2], progress, cache)
             store.write_group(key, rows, seconds, compile_seconds)
             counts = {s: sum(r["status"] == s for r in rows) for s in
                       ("converged", "finished", "unconverged", "diverged")}

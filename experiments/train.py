@@ -76,10 +76,12 @@ def loss_function(apply_fn, loss: str):
 
     def loss_fn(params, batch):
         inputs, targets = batch
-        if loss == "mse":  # regression on one-hot targets; only the output width is needed
-            width = jax.eval_shape(apply_fn, params, inputs[:1]).shape[-1]
-            targets = jax.nn.one_hot(targets, width)
-        return fn(apply_fn(params, inputs), targets)
+        outputs = apply_fn(params, inputs)
+        if loss == "mse" and jnp.issubdtype(targets.dtype, jnp.integer):
+            targets = jax.nn.one_hot(targets, outputs.shape[-1])  # regression on one-hot
+        elif loss == "mse":
+            targets = targets.reshape(outputs.shape)  # float targets: regression
+        return fn(outputs, targets)
 
     return loss_fn
 

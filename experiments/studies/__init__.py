@@ -32,6 +32,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, NamedTuple
 
+from experiments.schema import ConfigError
+
 SWEEP = "sweep"  # the default: a plain sweep with the generic report only
 
 
@@ -43,8 +45,6 @@ def names() -> list[str]:
 
 def get(name: str) -> ModuleType | None:
     """The module of study `name` (None for a plain sweep)."""
-    from experiments.config import ConfigError
-
     if name == SWEEP:
         return None
     if not isinstance(name, str) or name not in names():
@@ -74,8 +74,6 @@ RESULTS = "results.json"
 
 def check(cond: bool, message: str) -> None:
     """For a custom study's `validate`: raise `ConfigError(message)` unless `cond`."""
-    from experiments.config import ConfigError
-
     if not cond:
         raise ConfigError(message)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import landscape as ls
+import experiments
 from experiments import config as cfglib
 from experiments.studies import gradient_flow as gf
 
@@ -21,7 +22,7 @@ def _batch(n=64):
 
 
 def _cfg(**kw):
-    cfg = cfglib.load("gradient_flow", ["width=32", "num_examples=64"])
+    cfg = experiments.load("gradient_flow", ["width=32", "num_examples=64"])
     cfg.update(kw)
     gf.validate(cfg)
     return cfg
@@ -72,6 +73,6 @@ def test_error_signal_vanishes_explodes_and_skips_keep_it_near_one(activation):
 
 def test_bad_config_is_a_config_error():
     with pytest.raises(cfglib.ConfigError, match="activations"):
-        cfglib.load("gradient_flow", ['activations=["swish"]'])
+        experiments.load("gradient_flow", ['activations=["swish"]'])
     with pytest.raises(cfglib.ConfigError, match="depth"):
-        cfglib.load("gradient_flow", ["depth=2"])
+        experiments.load("gradient_flow", ["depth=2"])

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
+import experiments
 from experiments import config as cfglib
 from experiments.studies import plateaus as pl
 
 
 def _cfg(**kw):
-    cfg = cfglib.load("plateaus", ["steps=700", "depths=[1, 2]",
+    cfg = experiments.load("plateaus", ["steps=700", "depths=[1, 2]",
                                    "singular_values=[3.0, 2.0, 1.0]"])
     cfg.update(kw)
     pl.validate(cfg)
@@ -59,6 +60,6 @@ def test_depth_one_has_no_plateau_and_depth_three_follows_its_ode():
 
 def test_bad_config_is_a_config_error():
     with pytest.raises(cfglib.ConfigError, match="singular_values"):
-        cfglib.load("plateaus", ["singular_values=[1.0, 1.0]"])
+        experiments.load("plateaus", ["singular_values=[1.0, 1.0]"])
     with pytest.raises(cfglib.ConfigError, match="depths"):
-        cfglib.load("plateaus", ["depths=[0]"])
+        experiments.load("plateaus", ["depths=[0]"])

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import experiments
 from experiments import config as cfglib
 from experiments import studies
 from experiments.studies import ravine
@@ -14,7 +15,7 @@ from experiments.studies import ravine
 
 @pytest.fixture(scope="module")
 def cfg():
-    return cfglib.load("ravine")
+    return experiments.load("ravine")
 
 
 def _quadratic(cfg, name="sgd"):
@@ -123,11 +124,11 @@ def test_steps_to_counts_staying_below():
 
 def test_bad_config_is_one_line_error():
     with pytest.raises(cfglib.ConfigError, match="optimizers must be"):
-        cfglib.load("ravine", ["optimizers=['sgd', 'nope']"])
+        experiments.load("ravine", ["optimizers=['sgd', 'nope']"])
     with pytest.raises(cfglib.ConfigError, match="quadratic.learning_rates.adam"):
-        cfglib.load("ravine", ["quadratic.learning_rates.adam=[1.0, 0.1]"])
+        experiments.load("ravine", ["quadratic.learning_rates.adam=[1.0, 0.1]"])
     with pytest.raises(cfglib.ConfigError, match="hyper.momentum"):
-        cfglib.load("ravine", ["hyper.momentum.momentum=1.5"])
+        experiments.load("ravine", ["hyper.momentum.momentum=1.5"])
 
 
 @pytest.mark.slow

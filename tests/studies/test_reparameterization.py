@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import experiments
 from experiments import config as cfglib
 from experiments.studies import reparameterization as rp
 
@@ -17,7 +18,7 @@ SMALL = ["data.num_train=256", "data.num_test=128", "model.hidden=[12, 12]",
 
 @pytest.fixture(scope="module")
 def trained():
-    cfg = cfglib.load("reparameterization", SMALL)
+    cfg = experiments.load("reparameterization", SMALL)
     apply_fn, loss_fn, init, train, test = rp.setup(cfg)
     params = rp.train_model(cfg, loss_fn, init, train)
     batch = (train[0][:256], train[1][:256])
@@ -27,7 +28,7 @@ def trained():
 @pytest.fixture(scope="module")
 def untrained():
     """The identities hold at any point: a small network at its initialization."""
-    cfg = cfglib.load("reparameterization", SMALL + ["model.hidden=[6, 6]"])
+    cfg = experiments.load("reparameterization", SMALL + ["model.hidden=[6, 6]"])
     apply_fn, loss_fn, init, train, test = rp.setup(cfg)
     return cfg, apply_fn, loss_fn, init, (train[0][:64], train[1][:64]), test
 
@@ -84,9 +85,9 @@ def test_measures_against_the_dense_prediction(trained):
 
 def test_bad_config_is_one_line_error():
     with pytest.raises(cfglib.ConfigError, match="rescale.layer"):
-        cfglib.load("reparameterization", ["rescale.layer=2"])
+        experiments.load("reparameterization", ["rescale.layer=2"])
     with pytest.raises(cfglib.ConfigError, match="rescale.alphas"):
-        cfglib.load("reparameterization", ["rescale.alphas=[1.0, -2.0]"])
+        experiments.load("reparameterization", ["rescale.alphas=[1.0, -2.0]"])
 
 
 @pytest.mark.slow

@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import pytest
 
+import experiments
 from experiments import config as cfglib
 from experiments.studies import saddle_escape as se
 
 
 def _cfg(**kw):
-    cfg = cfglib.load("saddle_escape", ["max_steps=500", "seeds=6"])
+    cfg = experiments.load("saddle_escape", ["max_steps=500", "seeds=6"])
     cfg.update(kw)
     se.validate(cfg)
     return cfg
@@ -63,6 +64,6 @@ def test_the_study_runs_and_reports(tmp_path):
 
 def test_bad_config_is_a_config_error():
     with pytest.raises(cfglib.ConfigError, match="distances"):
-        cfglib.load("saddle_escape", ["distances=[1.0]"])
+        experiments.load("saddle_escape", ["distances=[1.0]"])
     with pytest.raises(cfglib.ConfigError, match="methods"):
-        cfglib.load("saddle_escape", ['methods=["newton"]'])
+        experiments.load("saddle_escape", ['methods=["newton"]'])

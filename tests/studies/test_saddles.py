@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import experiments
 from experiments import config as cfglib
 from experiments.studies import saddles as sd
 
@@ -32,6 +33,6 @@ def test_index_grows_with_loss(tmp_path):
 
 def test_bad_config_is_a_config_error():
     with pytest.raises(cfglib.ConfigError, match="finder.method"):
-        cfglib.load("saddles", ['finder.method="newton"'])
+        experiments.load("saddles", ['finder.method="newton"'])
     with pytest.raises(cfglib.ConfigError, match="tol_relative"):
-        cfglib.load("saddles", ["finder.tol_relative=0"])
+        experiments.load("saddles", ["finder.tol_relative=0"])

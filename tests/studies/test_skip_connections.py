@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+import experiments
 from experiments import config as cfglib
 from experiments.studies import skip_connections as sc
 
@@ -44,7 +45,7 @@ SMALL = ["data.num_train=256", "data.num_test=128", "model.depth=2", "model.widt
 
 
 def test_surface_is_the_loss_on_the_plane():
-    cfg = cfglib.load("skip_connections", SMALL)
+    cfg = experiments.load("skip_connections", SMALL)
     apply_fn, loss_fn, params, train, _ = sc.setup(cfg, False)
     batch = (train[0][:64], train[1][:64])
     s = sc.surface(cfg, loss_fn, params, batch)
@@ -59,7 +60,7 @@ def test_surface_is_the_loss_on_the_plane():
 
 def test_bad_config_is_one_line_error():
     with pytest.raises(cfglib.ConfigError, match="surface.points"):
-        cfglib.load("skip_connections", ["surface.points=2"])
+        experiments.load("skip_connections", ["surface.points=2"])
 
 
 @pytest.mark.slow
@@ -74,7 +75,7 @@ def test_plain_network_is_rougher(tmp_path):
     # its initialization, flatter than the trained skip network); a coarser surface.
     small = ["surface.points=9"]
     experiments.run("skip_connections", overrides=small, out=tmp_path)
-    rows = sc.summary(cfglib.load("skip_connections", small),
+    rows = sc.summary(experiments.load("skip_connections", small),
                       sc.studies.load_json(tmp_path / "results.json"))
     assert rows["plain"]["rise"] > rows["skip"]["rise"], rows
     assert rows["plain"]["lambda_max"] > rows["skip"]["lambda_max"], rows

@@ -1,0 +1,146 @@
+"""`experiments.run`: read a config, prepare its run directory, dispatch it.
+
+A config's top-level `study` picks what runs it: `sweep` (and the sweep studies) go to
+the runner (`experiments.sweep`), which trains the grid group by group; a custom study
+of `experiments.studies` runs itself. This module is the only one that knows both; the
+runner never imports the studies.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from experiments import config as cfglib
+from experiments import schema, studies, sweep
+from experiments.data import ArrayData, sizes
+from experiments.schema import ConfigError
+
+__all__ = ["load", "run", "validate"]
+
+
+def _custom(cfg: dict):
+    """The module of a custom study, or None for the runner."""
+    module = studies.get(cfg.get("study", "sweep") if isinstance(cfg, dict) else "sweep")
+    return module if module is not None and not module.SWEEP else None
+
+
+def validate(cfg: dict, *, arrays: ArrayData | None = None,
+             allow_large: bool = False) -> dict:
+    """A config (raw or resolved) checked and resolved, whatever its study."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a config is a table, got {type(cfg).__name__}")
+    module = _custom(cfg)
+    if module is not None and hasattr(module, "Config"):
+        return schema.as_dict(schema.build(module.Config, cfg))
+    if module is not None:
+        return _legacy(module, cfg)
+    return cfglib.validate(cfg, data_sizes=lambda table: sizes(table, arrays),
+                           allow_large=allow_large)
+
+
+def load(name_or_path: str | None = None, overrides: list[str] = (), *,
+         arrays: ArrayData | None = None, allow_large: bool = False) -> dict:
+    """Read a config (a path or a shipped name), apply `key=value` overrides and
+    validate it; returns the resolved config (plain data, what `config.json` stores).
+
+    Example:
+      >>> cfg = experiments.load("large_batch", ["train.steps=300"])
+      >>> cfg["sweep"]
+    """
+    raw = cfglib.apply_overrides(cfglib.read(name_or_path), list(overrides))
+    return validate(raw, arrays=arrays, allow_large=allow_large)
+
+
+def _with_python_objects(cfg: dict, model: Any, data: Any) -> dict:
+    """A raw config whose model or data is given as a Python object names it so."""
+    cfg = json.loads(json.dumps(cfg))
+    if model is not None:
+        cfg["model"] = {"name": "python"}
+    if data is not None:
+        cfg.setdefault("data", {})
+        cfg["data"] = {k: v for k, v in cfg["data"].items()
+                       if k in ("num_train", "num_test", "seed", "label_noise")}
+        cfg["data"]["name"] = "arrays"
+    return cfg
+
+
+def run(config: dict | str | None = None, *, model: Any = None,
+        data: ArrayData | None = None, overrides: list[str] = (),
+        out: str | Path | None = None, resume: str | Path | None = None,
+        progress: bool = False, log=None, allow_large: bool = False) -> sweep.Results:
+    """Run a study and return its `Results`; the Python API under `basin run`.
+
+    Args:
+      config: a config dict (raw TOML tables or resolved), a config path or a shipped
+        name (None: the default study).
+      model: your own model instead of the `[model]` table: an `nnx.Module` factory
+        `f(rngs)` or a pair `(init_fn(key, example_inputs), apply_fn(params, inputs))`.
+      data: your own arrays instead of the `[data]` table: `ArrayData(x_train, y_train,
+        x_test, y_test)` (integer labels classify; float targets need `loss = "mse"`).
+      overrides: `key=value` strings applied on top (as `basin run --set`).
+      out: the run directory (default `runs/<name>-<timestamp>`).
+      resume: an existing run directory: finished groups are skipped (pass the same
+        `model` and `data` again if the run was given Python objects).
+      allow_large: run a grid above `config.MAX_MEMBERS` members.
+
+    Example:
+      >>> res = experiments.run({"train": {"steps": 200}, "sweep": {"seed": [0, 1]}},
+      ...                       model=(init_fn, apply_fn), data=ArrayData(x, y, xt, yt))
+      >>> res.records()[0]["lambda_max"]
+    """
+    log = log or (lambda msg: None)
+    if resume is not None:
+        path = Path(resume)
+        stored = path / "config.json"
+        if not stored.is_file():
+            raise ConfigError(f"cannot resume: {path} holds no config.json")
+        try:
+            raw = json.loads(stored.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot resume: {stored} is damaged ({e})") from None
+        cfg = validate(raw, arrays=data, allow_large=True)
+        module = _custom(cfg)
+        datasets = None if module is not None else sweep.preflight(cfg, model, data)
+    else:
+        if isinstance(config, dict):
+            raw = cfglib.apply_overrides(config, list(overrides))
+        else:
+            raw = cfglib.apply_overrides(cfglib.read(config), list(overrides))
+        cfg = validate(_with_python_objects(raw, model, data), arrays=data,
+                       allow_large=allow_large)
+        module = _custom(cfg)
+        datasets = None if module is not None else sweep.preflight(cfg, model, data)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(out) if out is not None else Path("runs") / f"{cfg['name']}-{stamp}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    if module is not None:
+        module.run(cfg, path, log)
+        return sweep.Results(path)
+    return sweep.run_sweep(cfg, path, model=model, arrays=data, progress=progress, log=log,
+                           datasets=datasets)
+
+
+def _legacy(module, cfg: dict) -> dict:
+    """A custom study still described by a DEFAULTS dict and a validate function
+    (until each has its `Config` table)."""
+    base = {"name": module.NAME, "description": "", "study": module.NAME,
+            **module.DEFAULTS}
+    merged = _merge(base, cfg)
+    module.validate(merged)
+    return merged
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in update.items():
+        if key not in out:
+            raise ConfigError(f"unknown config key '{where}{key}'")
+        if isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _merge(out[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
