@@ -66,3 +66,8 @@ __all__ += [
 from landscape.critical import CriticalPoint, critical_points, find_critical_point
 
 __all__ += ["CriticalPoint", "critical_points", "find_critical_point"]
+
+# Instruments: preconditioned sharpness, mode connectivity, block heterogeneity.
+from landscape.preconditioned import PreconditionedOperator, preconditioned
+
+__all__ += ["PreconditionedOperator", "preconditioned"]
