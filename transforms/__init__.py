@@ -72,3 +72,8 @@ __all__ = [
     "find_dense_layers", "kfac", "kfac_statistics", "scale_by_kfac", "scale_by_shampoo",
     "scale_by_soap", "shampoo", "soap",
 ]
+
+# Instruments: the preconditioner an optimizer state implies (for ls.preconditioned).
+from transforms.preconditioner import KroneckerPreconditioner, preconditioner
+
+__all__ += ["KroneckerPreconditioner", "preconditioner"]
