@@ -71,3 +71,13 @@ __all__ += ["CriticalPoint", "critical_points", "find_critical_point"]
 from landscape.preconditioned import PreconditionedOperator, preconditioned
 
 __all__ += ["PreconditionedOperator", "preconditioned"]
+
+from landscape.connectivity import (
+    Connection,
+    LinearPath,
+    connect,
+    curve_point,
+    linear_barrier,
+)
+
+__all__ += ["Connection", "LinearPath", "connect", "curve_point", "linear_barrier"]
