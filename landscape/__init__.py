@@ -81,3 +81,7 @@ from landscape.connectivity import (
 )
 
 __all__ += ["Connection", "LinearPath", "connect", "curve_point", "linear_barrier"]
+
+from landscape.heterogeneity import BlockHeterogeneity, block_heterogeneity, js_distance
+
+__all__ += ["BlockHeterogeneity", "block_heterogeneity", "js_distance"]
