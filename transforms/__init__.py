@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 # Instruments: the preconditioner an optimizer state implies (for ls.preconditioned).
-from transforms.preconditioner import KroneckerPreconditioner, preconditioner
+from transforms.preconditioner import (KroneckerPreconditioner, preconditioned_lambda_max,
+                                      preconditioner)
 
-__all__ += ["KroneckerPreconditioner", "preconditioner"]
+__all__ += ["KroneckerPreconditioner", "preconditioned_lambda_max", "preconditioner"]

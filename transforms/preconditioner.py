@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from optax import contrib
+
+import landscape as ls
 from optax._src import transform as _transform  # ScaleByRmsWithCountState is not exported
 
 from transforms import _second_order_blocks as blocks
@@ -30,7 +32,7 @@ from transforms._adahessian import AdaHessianState
 from transforms.shampoo import ShampooState
 from transforms.soap import SoapState
 
-__all__ = ["KroneckerPreconditioner", "preconditioner"]
+__all__ = ["KroneckerPreconditioner", "preconditioned_lambda_max", "preconditioner"]
 
 
 def _bias_corrected(nu: Any, decay: Any, count: jax.Array) -> Any:
@@ -258,3 +260,27 @@ def preconditioner(state: Any, **hyperparameters: Any) -> Any:
     values = {k: hyperparameters.get(k, injected.get(k, d))
               for k, d in reader.defaults.items()}
     return reader.read(node, **values)
+
+
+def preconditioned_lambda_max(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
+                              batch: Any, opt_state: Any, *, key: jax.Array,
+                              num_steps: int = 20, chunk_size: int | None = None,
+                              **hyperparameters: Any) -> jax.Array:
+    """λ₁(P⁻¹H): the largest eigenvalue of the Hessian preconditioned by the optimizer.
+
+    The sharpness an adaptive optimizer feels (Cohen et al. 2022, "Adaptive Gradient
+    Methods at the Edge of Stability"): P from `preconditioner(opt_state,
+    **hyperparameters)`, H the Hessian of `loss_fn` at `params` on `batch`, and the top
+    Ritz value of `num_steps` Lanczos steps on `ls.preconditioned(H, P)`. Jit- and
+    vmap-safe, for recording along training; compare it with (2 + 2β₁)/((1 − β₁)η)
+    for Adam.
+
+    Example:
+      >>> lam = tx.preconditioned_lambda_max(loss_fn, params, batch, opt_state,
+      ...                                    key=jax.random.key(0), b2=0.999)
+      >>> lam * learning_rate    # ≈ 38 for Adam with β₁ = 0.9 at the edge of stability
+    """
+    P = preconditioner(opt_state, **hyperparameters)
+    H = ls.hessian(loss_fn, params, batch, chunk_size=chunk_size)
+    return ls.eigenvalues(ls.preconditioned(H, P), k=1, key=key,
+                          num_steps=num_steps).values[0]

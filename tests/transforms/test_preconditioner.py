@@ -6,6 +6,7 @@ P^{-1/2} twice to g must give −update/η.
 """
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -158,3 +159,31 @@ def test_full_batch_adam_settles_at_the_adaptive_edge_of_stability():
     # The same value from ls.preconditioned on the final state.
     op = ls.preconditioned(ls.LinearOperator(lambda v: A @ v, w), tx.preconditioner(s))
     np.testing.assert_allclose(np.linalg.eigvalsh(op.dense())[-1], sharp[-1], rtol=1e-8)
+
+
+def test_preconditioned_lambda_max_matches_dense_under_jit_and_vmap():
+    opt = optax.adam(0.05, b2=0.9)
+
+    def train(seed):
+        p = jax.tree.map(lambda x: x + 0.1 * seed, PARAMS)
+        s = opt.init(p)
+        for _ in range(3):
+            u, s = opt.update(jax.grad(_loss)(p, BATCH), s, p)
+            p = optax.apply_updates(p, u)
+        return p, s
+
+    members = [train(seed) for seed in (0, 1)]
+    want = []
+    for p, s in members:
+        flat, unravel = jax.flatten_util.ravel_pytree(p)
+        dense = np.asarray(jax.hessian(lambda f: _loss(unravel(f), BATCH))(flat))
+        d = np.asarray(jax.flatten_util.ravel_pytree(tx.preconditioner(s, b2=0.9))[0])
+        want.append(np.linalg.eigvalsh(dense / np.sqrt(np.outer(d, d)))[-1])
+
+    def lam(p, s):
+        return tx.preconditioned_lambda_max(_loss, p, BATCH, s, key=jax.random.key(0),
+                                            num_steps=15, b2=0.9)
+
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *members)
+    got = jax.jit(jax.vmap(lam))(*stacked)
+    np.testing.assert_allclose(got, want, rtol=1e-8)
