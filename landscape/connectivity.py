@@ -201,13 +201,14 @@ def connect(loss_fn: Fn, params_a: Any, params_b: Any, data: Any, *, key: jax.Ar
 
     The curve has one free control point θ (`curve_point`): a quadratic Bezier curve
     or a polygonal chain with one bend. θ starts at the segment's midpoint (plus
-    `jitter` noise) and is trained on E_{t~U[0,1]} L(φ_θ(t)) (Garipov et al., Eq. 3 with
-    the uniform distribution on t): each step samples one minibatch of `batch_size`
+    `jitter` noise) and is trained on E_{t~U[0,1]} L(φ_θ(t)) (Garipov et al.'s objective
+    with the uniform distribution on t): each step samples one minibatch of `batch_size`
     examples (without replacement; None: all of `data`) and `t_samples` values of t
     (Garipov et al. take one; more average the loss over several points of the curve
-    and lower the gradient's noise), and applies `optimizer` to θ. The endpoints stay fixed. All `steps` run in one jitted
-    `lax.scan`. Afterwards the loss (and `metric`) on all of `data` is evaluated at
-    `num_points` evenly spaced t, and the barrier is taken as in `linear_barrier`.
+    and lower the gradient's noise), and applies `optimizer` to θ. The endpoints stay
+    fixed. All `steps` run in one jitted `lax.scan`. Afterwards the loss (and `metric`)
+    on all of `data` is evaluated at `num_points` evenly spaced t, and the barrier is
+    taken as in `linear_barrier`.
 
     Garipov et al. report, on CIFAR-10, test error at the curve's worst point within
     0.2–1 point of the endpoints' (a straight path between the same solutions meets a

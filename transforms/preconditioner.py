@@ -198,30 +198,31 @@ def _names(state: Any) -> str:
 def preconditioner(state: Any, **hyperparameters: Any) -> Any:
     """The preconditioner P of an optimizer state, in the form `ls.preconditioned` takes.
 
-    ===============================  ==========================================  ==========================
-    state (found anywhere in chains)  P                                           hyper-parameters (default)
-    ===============================  ==========================================  ==========================
-    `optax.ScaleByAdamState`          √(v̂ + eps_root) + eps, v̂ = ν/(1 − b2ᵗ)     b2 0.999, eps 1e-8,
-      (adam, adamw, nadam, ...)                                                     eps_root 0
-    `optax.ScaleByRmsState`           √(ν + eps), or √ν̂ + eps when not           decay 0.9, eps 1e-8,
-      (rmsprop; ...WithCountState     eps_in_sqrt (ν̂ bias-corrected with           eps_in_sqrt True
-      when bias-corrected)            `decay` for the counted state)
-    `optax.contrib.SophiaState`       max(γ h, eps) (the clip is ignored)         gamma 0.01, eps 1e-8
-      (tx.sophia_g, tx.sophia_h)
-    `tx.AdaHessianState`              (√v̂)^k + eps, v̂ corrected by the           b2 0.999, eps 1e-4,
-                                      number of Hessian estimates                   hessian_power 1
-    `tx.ShampooState`                 P⁻¹ = ⊗ᵢ rootsᵢ per block (the grafting     b2 0.999, graft_eps 1e-8,
-                                      scale left out); vectors: the Adam graft's    block_size 1024
-                                      √v̂ + graft_eps, or I without one
-    `tx.SoapState`                    Q diag(√v̂ + eps) Qᵀ per block; vectors:    b2 0.95, eps 1e-8,
-                                      Adam's √v̂ + eps                              block_size 1024
-    ===============================  ==========================================  ==========================
+    What P is, for each state found anywhere in a chain (hyper-parameter defaults in
+    brackets, those of the optimizers' own defaults):
+
+    - `optax.ScaleByAdamState` (adam, adamw, nadam, ...): √(v̂ + eps_root) + eps with
+      v̂ = ν / (1 − b2ᵗ) [b2 0.999, eps 1e-8, eps_root 0].
+    - `optax.ScaleByRmsState` (rmsprop): √(ν + eps), or √ν + eps when not
+      `eps_in_sqrt`; its counted variant (`bias_correction=True`) corrects ν with
+      `decay` first [decay 0.9, eps 1e-8, eps_in_sqrt True].
+    - `optax.contrib.SophiaState` (`tx.sophia_g`, `tx.sophia_h`): max(γ h, eps), the clip
+      ignored [gamma 0.01, eps 1e-8].
+    - `tx.AdaHessianState`: (√v̂)^k + eps, v̂ corrected by the number of Hessian
+      estimates [b2 0.999, eps 1e-4, hessian_power 1].
+    - `tx.ShampooState`: P⁻¹ = ⊗ᵢ rootsᵢ on each block, the graft's per-parameter norm
+      rescaling left out (it is not a fixed linear map); vectors and scalars: the Adam
+      graft's √v̂ + graft_eps, or the identity without one [b2 0.999, graft_eps 1e-8,
+      block_size 1024].
+    - `tx.SoapState`: Q diag(√v̂ + eps) Qᵀ on each block (Q the eigenbases); vectors:
+      Adam's √v̂ + eps [b2 0.95, eps 1e-8, block_size 1024].
 
     The diagonal optimizers give P's diagonal as a pytree like params; Shampoo and SOAP
-    give a `KroneckerPreconditioner`, a callable pytree applying P^{-1/2}. P is the one
-    the *next* step divides by (Adam's ε outside the root, as optax's). Momentum is not
-    part of P: for Adam with β₁, Cohen et al. 2022 put the edge of stability of
-    λ₁(P⁻¹H) at (2 + 2β₁)/((1 − β₁)η).
+    give a `KroneckerPreconditioner`, a callable pytree applying P^{-1/2}. For Adam,
+    RMSProp, AdaHessian, Shampoo and SOAP it is the P the latest step divided by; for
+    Sophia, the one the next step will divide by (it divides before refreshing h).
+    Momentum is not part of P: for Adam with β₁, Cohen et al. 2022 put the edge of
+    stability of λ₁(P⁻¹H) at (2 + 2β₁)/((1 − β₁)η).
 
     Args:
       state: an optimizer state (`opt.init(params)` and its updates), holding exactly
