@@ -187,3 +187,19 @@ def test_preconditioned_lambda_max_matches_dense_under_jit_and_vmap():
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *members)
     got = jax.jit(jax.vmap(lam))(*stacked)
     np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+def test_grafted_shampoo_direction_and_jit():
+    # With the Adam graft, a matrix's step is P⁻¹g rescaled to the graft's norm (same
+    # direction), and a vector's step is the graft itself, √v̂ + graft_eps.
+    opt = optax.chain(scale_by_shampoo(b1=0.0, b2=0.9, eps=1e-2, graft_eps=1e-3,
+                                       start_preconditioning_step=0, precondition_every=1),
+                      optax.scale(-0.1))
+    updates, state = _run(opt)
+    P = jax.jit(lambda s: tx.preconditioner(s, b2=0.9, graft_eps=1e-3))(state)
+    assert isinstance(P, tx.KroneckerPreconditioner)
+    want = _apply_inverse(P, GRADS[2])
+    np.testing.assert_allclose(-np.asarray(updates["b"]) / 0.1, want["b"], rtol=1e-8)
+    got, ref = np.ravel(updates["w"]), np.ravel(want["w"])
+    cosine = -got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref))
+    np.testing.assert_allclose(cosine, 1.0, rtol=1e-10)
