@@ -72,9 +72,12 @@ def js_distance(p: jnp.ndarray, q: jnp.ndarray) -> jnp.ndarray:
     q = q / jnp.sum(q, axis=-1, keepdims=True)
     m = 0.5 * (p + q)
 
-    def kl(a):  # 0 log 0 = 0
-        return jnp.sum(jnp.where(a > 0, a * jnp.log(jnp.where(a > 0, a, 1.0) /
-                                                     jnp.where(a > 0, m, 1.0)), 0.0), -1)
+    def kl(a):
+        # 0 log 0 = 0; `m` can underflow to 0 where `a` is subnormal (½ of the smallest
+        # float32), a term too small to count, so it is dropped as well.
+        keep = (a > 0) & (m > 0)
+        return jnp.sum(jnp.where(keep, a * (jnp.log(jnp.where(keep, a, 1.0)) -
+                                            jnp.log(jnp.where(keep, m, 1.0))), 0.0), -1)
 
     return jnp.sqrt(jnp.maximum(0.5 * kl(p) + 0.5 * kl(q), 0.0))
 

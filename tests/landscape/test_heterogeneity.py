@@ -98,3 +98,16 @@ def test_bad_input_is_named():
         ls.block_heterogeneity(DENS, grid=jnp.zeros((2, 2)))
     with pytest.raises(ValueError, match="report_or_densities"):
         ls.block_heterogeneity(DENS["bulk"])
+
+
+def test_float32_tails_stay_finite():
+    # Far tails of a float32 Gaussian are subnormal, where half of p underflows to 0.
+    dens = [ls.Density(jnp.asarray(d.nodes, jnp.float32), jnp.asarray(d.weights, jnp.float32),
+                       jnp.zeros(1, jnp.float32), jnp.zeros(1, jnp.float32),
+                       jnp.asarray(0.1, jnp.float32)) for d in DENS.values()]
+    het = ls.block_heterogeneity(dens, sigma=0.02)
+    probs = np.asarray(het.probabilities, np.float64)
+    assert np.all(np.isfinite(het.distances))
+    want = np.mean([jensenshannon(probs[i], probs[j])
+                    for i, j in itertools.combinations(range(3), 2)])
+    np.testing.assert_allclose(het.js0, want, rtol=1e-4)
