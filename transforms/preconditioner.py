@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from optax import contrib
-
-import landscape as ls
 from optax._src import transform as _transform  # ScaleByRmsWithCountState is not exported
 
+import landscape as ls
 from transforms import _second_order_blocks as blocks
 from transforms._adahessian import AdaHessianState
 from transforms.shampoo import ShampooState
@@ -37,8 +36,8 @@ __all__ = ["KroneckerPreconditioner", "preconditioned_lambda_max", "precondition
 
 def _bias_corrected(nu: Any, decay: Any, count: jax.Array) -> Any:
     if not isinstance(count, jax.core.Tracer) and int(count) == 0:
-            raise ValueError("`state` has taken no step yet (count 0): its second moment "
-                             "is empty and bias correction divides by zero.")
+        raise ValueError("`state` has taken no step yet (count 0): its second moment "
+                         "is empty and bias correction divides by zero.")
     if not isinstance(decay, jax.core.Tracer) and decay == 1:  # plain sums (AdaGrad)
         return nu
     return optax.tree.bias_correction(nu, decay, count)
@@ -59,8 +58,8 @@ def _rms(state, decay, eps, eps_in_sqrt):
 
 
 def _sophia(state, gamma, eps):
-    # The step divides m̂ by max(γ h, ε) (Liu et al. 2023, Algorithm 3); the clip is
-    # ignored, as it is inactive wherever the quadratic model is trusted.
+    # The step divides m̂ by max(γ h, ε) before clipping (Liu et al. 2023); P is that
+    # linear part. Where h <= ε/γ the clip, not P, bounds the real step.
     return jax.tree.map(lambda h: jnp.maximum(gamma * h, eps), state.nu)
 
 
@@ -207,7 +206,8 @@ def preconditioner(state: Any, **hyperparameters: Any) -> Any:
       `eps_in_sqrt`; its counted variant (`bias_correction=True`) corrects ν with
       `decay` first [decay 0.9, eps 1e-8, eps_in_sqrt True].
     - `optax.contrib.SophiaState` (`tx.sophia_g`, `tx.sophia_h`): max(γ h, eps), the clip
-      ignored [gamma 0.01, eps 1e-8].
+      ignored, so coordinates with h <= eps/γ (where the clip bounds the real step)
+      get P = eps and dominate P⁻¹H [gamma 0.01, eps 1e-8].
     - `tx.AdaHessianState`: (√v̂)^k + eps, v̂ corrected by the number of Hessian
       estimates [b2 0.999, eps 1e-4, hessian_power 1].
     - `tx.ShampooState`: P⁻¹ = ⊗ᵢ rootsᵢ on each block, the graft's per-parameter norm
