@@ -66,3 +66,22 @@ __all__ += [
 from landscape.critical import CriticalPoint, critical_points, find_critical_point
 
 __all__ += ["CriticalPoint", "critical_points", "find_critical_point"]
+
+# Instruments: preconditioned sharpness, mode connectivity, block heterogeneity.
+from landscape.preconditioned import PreconditionedOperator, preconditioned
+
+__all__ += ["PreconditionedOperator", "preconditioned"]
+
+from landscape.connectivity import (
+    Connection,
+    LinearPath,
+    connect,
+    curve_point,
+    linear_barrier,
+)
+
+__all__ += ["Connection", "LinearPath", "connect", "curve_point", "linear_barrier"]
+
+from landscape.heterogeneity import BlockHeterogeneity, block_heterogeneity, js_distance
+
+__all__ += ["BlockHeterogeneity", "block_heterogeneity", "js_distance"]

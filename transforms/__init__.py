@@ -72,3 +72,9 @@ __all__ = [
     "find_dense_layers", "kfac", "kfac_statistics", "scale_by_kfac", "scale_by_shampoo",
     "scale_by_soap", "shampoo", "soap",
 ]
+
+# Instruments: the preconditioner an optimizer state implies (for ls.preconditioned).
+from transforms.preconditioner import (KroneckerPreconditioner, preconditioned_lambda_max,
+                                      preconditioner)
+
+__all__ += ["KroneckerPreconditioner", "preconditioned_lambda_max", "preconditioner"]
