@@ -30,7 +30,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 from flax import nnx
 
-from experiments.models import MLP, CNN1D, ResNet1D, Transformer1D, _has_batch_norm, pure
+from experiments.models import CNN1D, MLP, ResNet1D, Transformer1D
+from experiments.state import has_batch_norm, pure
 from experiments.schema import ConfigError
 
 
@@ -90,7 +91,7 @@ def as_model(spec: Any, example_inputs: Any, *, where: str = "model",
     if not isinstance(made, nnx.Module):
         raise ConfigError(f"{where}: the factory returned {type(made).__name__}, not an "
                           "nnx.Module or an (init_fn, apply_fn) pair")
-    mode = mode or ("train" if _has_batch_norm(made) else None)
+    mode = mode or ("train" if has_batch_norm(made) else None)
     apply_fn, _ = pure(made, mode=mode)
     return Model(apply_fn, lambda key: pure(spec(nnx.Rngs(key)), mode=mode)[1])
 

@@ -22,10 +22,7 @@ it after checking every table and every grid value.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import itertools
 import json
-import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -34,23 +31,18 @@ from typing import Any, Literal
 
 import transforms as tx
 from experiments.data import sizes as dataset_sizes
+from experiments.grid import (ALWAYS_VMAPPED, MAX_MEMBERS, SHORTHANDS, Member, axes,
+                              check_sweep, expand, get_path, grid_size, group_key, groups,
+                              set_path, swept_paths, sweep_keys, vmapped_paths)
+from experiments import schema
 from experiments.schema import ConfigError, as_dict, build, check, option
 
-__all__ = ["ConfigError", "Config", "Member", "load", "validate", "expand", "groups"]
+# The grid's functions are part of this module's interface (`config.expand(cfg)`).
+__all__ = ["ALWAYS_VMAPPED", "MAX_MEMBERS", "SHORTHANDS", "Config", "ConfigError", "Member",
+           "axes", "expand", "get_path", "grid_size", "group_key", "groups", "load",
+           "set_path", "swept_paths", "sweep_keys", "validate", "vmapped_paths"]
 
 DEFAULT_CONFIG = "sharpness_vs_generalization"
-
-SHORTHANDS = {"batch_size": "train.batch_size", "learning_rate": "optimizer.learning_rate",
-              "seed": "train.seed"}
-
-# Values that may differ inside one compiled group (they are vmapped): the learning
-# rate, the seed, the L2 coefficient, and a Basin optimizer's hyper-parameters swept
-# over floats. Everything else that varies (shapes, names, integers such as refresh
-# intervals, booleans) starts a new group.
-ALWAYS_VMAPPED = ("optimizer.learning_rate", "train.seed", "train.l2")
-
-# A grid above this many members is refused unless the caller allows it.
-MAX_MEMBERS = 10_000
 
 MEASURES = ("lambda_max", "trace", "worst_case", "adaptive", "random", "keskar",
             "pac_bayes", "noise_scale")
@@ -242,40 +234,6 @@ def check_name(name: str) -> None:
           f"name must be a plain file name (no '/', '\\' or leading '.'), got {name!r}")
 
 
-@dataclass(frozen=True)
-class Member:
-    """One point of the grid: the fully resolved config of one training run."""
-
-    index: int
-    config: dict
-    point: dict = dataclasses.field(default_factory=dict)  # sweep key -> value
-
-    def get(self, path: str) -> Any:
-        return get_path(self.config, path)
-
-
-def get_path(cfg: dict, path: str) -> Any:
-    node = cfg
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"unknown config key '{path}'")
-        node = node[part]
-    return node
-
-
-def set_path(cfg: dict, path: str, value: Any) -> None:
-    parts = path.split(".")
-    node = cfg
-    for i, part in enumerate(parts[:-1]):
-        if part not in node and parts[0] in ("optimizer", "model") and i > 0:
-            node[part] = {}
-        if not isinstance(node.get(part), dict):
-            raise ConfigError(f"unknown config key '{path}'" if part not in node else
-                              f"'{'.'.join(parts[:i + 1])}' is a value, not a table")
-        node = node[part]
-    node[parts[-1]] = value
-
-
 def config_path(name_or_path: str | None) -> Path:
     """A config file: a path, or the name of one shipped in `configs/`. Anything that
     looks like a path (a separator or a `.toml` suffix) must exist."""
@@ -356,7 +314,7 @@ def resolve(raw: dict) -> dict:
 def validate(cfg: dict, *, data_sizes=None, allow_large: bool = False) -> dict:
     """Check a sweep config's tables and every point of its grid; returns it resolved."""
     resolved = resolve(cfg)
-    _check_sweep(resolved, allow_large)
+    check_sweep(resolved, allow_large)
     sizes = data_sizes or _default_sizes
     seen = set()
     for member in expand(resolved):
@@ -393,112 +351,10 @@ def check_optimizer(table: dict) -> None:
         raise ConfigError(f"optimizer: {str(e).splitlines()[0]}") from None
 
 
-def axes(cfg: dict) -> list[tuple[list[str], list[tuple]]]:
-    """The grid's axes: (sweep keys, their value tuples); a zip table is one axis."""
-    out = []
-    for key, values in cfg["sweep"].items():
-        if key == "zip":
-            for table in values:
-                out.append((list(table), list(zip(*table.values()))))
-        else:
-            out.append(([key], [(v,) for v in values]))
-    return out
-
-
-def sweep_keys(cfg: dict) -> list[str]:
-    """Every swept key as written in `[sweep]` (zipped keys included), in order."""
-    return [k for keys, _ in axes(cfg) for k in keys]
-
-
-def _check_sweep(cfg: dict, allow_large: bool) -> None:
-    sweep = cfg["sweep"]
-    for key, values in sweep.items():
-        if key == "zip":
-            check(isinstance(values, list) and values and all(
-                isinstance(t, dict) and t for t in values),
-                "sweep.zip must be a list of tables ([[sweep.zip]])")
-            for table in values:
-                lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in table.items()}
-                check(all(n > 0 for n in lengths.values()),
-                      f"each key of a [[sweep.zip]] table needs a non-empty list; got "
-                      f"{table!r}")
-                check(len(set(lengths.values())) == 1,
-                      "the lists of a [[sweep.zip]] table must have equal lengths; got " +
-                      ", ".join(f"{k}: {n}" for k, n in lengths.items()))
-            continue
-        check(isinstance(values, list) and len(values) > 0,
-              f"sweep.{key} must be a non-empty list, got {values!r}")
-    keys = sweep_keys(cfg)
-    check(len(set(map(_path, keys))) == len(keys), "a key is swept twice in [sweep]")
-    for key in keys:
-        path = _path(key)
-        check(path.split(".")[0] in ("data", "model", "optimizer", "train", "measure",
-                                     "record"), f"sweep.{key}: unknown config key '{path}'")
-    size = math.prod(len(v) for _, v in axes(cfg))
-    check(allow_large or size <= MAX_MEMBERS,
-          f"the grid has {size} members, above the limit of {MAX_MEMBERS}; pass --yes "
-          "(allow_large=True) to run it")
-
-
-def _path(key: str) -> str:
-    return SHORTHANDS.get(key, key)
-
-
-def grid_size(cfg: dict) -> int:
-    return math.prod(len(v) for _, v in axes(cfg))
-
-
-def expand(cfg: dict) -> list[Member]:
-    """The grid: one `Member` per combination of the sweep's axes, in order."""
-    base = {k: v for k, v in cfg.items() if k != "sweep"}
-    grid = axes(cfg)
-    members = []
-    for i, combo in enumerate(itertools.product(*(values for _, values in grid))):
-        resolved = copy.deepcopy(base)
-        point = {}
-        for (keys, _), values in zip(grid, combo):
-            for key, value in zip(keys, values):
-                point[key] = value
-        if "model.name" in point and point["model.name"] != base["model"]["name"]:
-            resolved["model"] = {"name": point["model.name"]}  # the variant's defaults
-        for key, value in point.items():
-            set_path(resolved, _path(key), value)
-        members.append(Member(i, resolved, point))
-    return members
-
-
-def swept_paths(cfg: dict) -> list[str]:
-    return [_path(k) for k in sweep_keys(cfg)]
-
-
-def vmapped_paths(cfg: dict) -> list[str]:
-    """Swept paths that vary inside a group (see ALWAYS_VMAPPED): an optimizer's float
-    hyper-parameters only if every optimizer of the study is one of Basin's (whose
-    builders all accept traced hyper-parameters; optax's may branch on values)."""
-    names = [m.get("optimizer.name") for m in expand(cfg)] if cfg["sweep"] else [
-        cfg["optimizer"]["name"]]
-    basin = all(name in tx.names() and tx.registry.accepts_traced(name) for name in names)
-    out = []
-    for keys, values in axes(cfg):
-        for j, key in enumerate(keys):
-            path = _path(key)
-            floats = all(isinstance(v[j], float) for v in values)
-            if path in ALWAYS_VMAPPED or (basin and floats and path.startswith(
-                    "optimizer.") and path != "optimizer.name"):
-                out.append(path)
-    return out
-
-
-def group_key(member: Member, cfg: dict, vmapped: set | None = None) -> str:
-    """Members with equal keys share shapes and a program: one compilation, vmapped."""
-    vmapped = set(vmapped_paths(cfg)) if vmapped is None else vmapped
-    fixed = {p: member.get(p) for p in swept_paths(cfg) if p not in vmapped}
-    return json.dumps(fixed, sort_keys=True)
-
-
-def groups(cfg: dict) -> dict[str, list[Member]]:
-    vmapped = set(vmapped_paths(cfg))
-    out: dict[str, list[Member]] = {}
-    for m in expand(cfg):
-        out.setdefault(group_key(m, cfg, vmapped), []).append(m)
-    return out
+def reference() -> str:
+    """The sweep config's reference (every table, key, type, default and limit) as
+    Markdown, generated from the tables above: what `basin config --reference` prints."""
+    lines = ["# Config reference", "",
+             "Generated from the tables of `experiments.config`; a study's TOML overrides "
+             "these defaults.", ""]
+    return "\n".join(lines + schema.reference(Config)).rstrip() + "\n"

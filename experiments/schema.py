@@ -14,6 +14,7 @@ of tables (`A | B`, chosen by the value of their common `name` field).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -224,8 +225,8 @@ def reference(cls, where: str = "") -> list[str]:
         for f in plain:
             default = ("required" if f.default is dataclasses.MISSING and
                        f.default_factory is dataclasses.MISSING else
-                       repr(_plain(f.default if f.default is not dataclasses.MISSING
-                                   else f.default_factory())))
+                       json.dumps(_plain(f.default if f.default is not dataclasses.MISSING
+                                         else f.default_factory())))
             lines.append(f"| `{f.name}` | {describe(hints[f.name], f.metadata)} | "
                          f"`{default}` | {f.metadata.get('doc', '')} |")
         lines.append("")
