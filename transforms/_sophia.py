@@ -13,7 +13,7 @@ import jax
 import optax
 from optax import contrib
 
-from transforms._checks import choice, positive_int
+from landscape._validate import choice, positive_int
 
 __all__ = ["gauss_newton_bartlett", "sophia_g", "sophia_h"]
 
@@ -44,7 +44,7 @@ def gauss_newton_bartlett(loss: str = "cross_entropy") -> optax.GradientTransfor
       >>> updates, state = opt.update(g, state, params,
       ...     output_fn=lambda p: apply_fn(p, x), key=jax.random.key(step))
     """
-    choice(*_LOSSES)(loss, "loss")
+    choice(loss, "loss", _LOSSES)
 
     def update_fn(updates, state, params=None, *, output_fn=None, key=None, **extra_args):
         del updates, extra_args
