@@ -19,6 +19,9 @@ for `optax.contrib.sophia`), `scale_by_adahessian`, `scale_by_shampoo`, `scale_b
 `scale_by_kfac` (with `kfac_statistics` and `find_dense_layers`); Lion and Sophia-H are
 optax's own. `make("kfac", ...)` needs `layers=find_dense_layers(apply_fn, params, x)`
 and computes its statistics inside `train_step(..., apply_fn=apply_fn)`.
+
+`make` also builds every optax optimizer by name (`tx.make("muon", learning_rate=0.02)`);
+`describe()` lists every name with its hyper-parameters and defaults.
 """
 
 from optax import lion
@@ -35,6 +38,7 @@ from transforms.registry import (
     REQUIRED,
     Hyper,
     OptimizerSpec,
+    describe,
     hyperparameters,
     make,
     names,
@@ -64,7 +68,8 @@ from transforms.train import StepResult, train_step
 
 __all__ = [
     "AdaHessianState", "Hyper", "OptimizerSpec", "REQUIRED", "SharpnessAwareState",
-    "StepResult", "adahessian", "asam", "asam_ascent", "gauss_newton_bartlett", "gsam",
+    "StepResult", "adahessian", "asam", "asam_ascent", "describe", "gauss_newton_bartlett",
+    "gsam",
     "hutchinson_diagonal", "hutchinson_estimator_diag_hessian", "hyperparameters",
     "lion", "make", "names", "register", "sam", "sam_ascent", "scale_by_adahessian",
     "sharpness_aware", "sophia_g", "sophia_h", "spatial_average",

@@ -5,7 +5,8 @@ A name resolves, in order, to
 1. Basin's registry (`register`): Basin's own optimizers, and optax's under Basin's
    defaults and checks (`sgd`, `momentum`, `adam`, `adamw`, `lion`);
 2. `optax.<name>`, then `optax.contrib.<name>`, if that is an *optimizer alias*: a
-   public function whose first parameter is `learning_rate` and that is defined in
+   public function (or `functools.partial` of one) whose first parameter is
+   `learning_rate` and that is defined in
    optax's alias module (`optax._src.alias`: `adabelief`, `adafactor`, `nadam`, ...) or
    exported by `optax.contrib` under a name not starting with `scale_by_` (`muon`,
    `schedule_free_adamw`, `ademamix`, `adopt`, `prodigy`, ...). The rule leaves out
@@ -100,9 +101,11 @@ def names() -> tuple[str, ...]:
 
 
 def _is_optax_alias(fn: Any, source: str, name: str) -> bool:
-    if name.startswith("_") or not inspect.isfunction(fn):
+    # `nadam`, `nadamw` are functools.partial objects of alias functions
+    base = fn.func if isinstance(fn, functools.partial) else fn
+    if name.startswith("_") or not inspect.isfunction(base):
         return False
-    if source == "optax" and fn.__module__ != "optax._src.alias":
+    if source == "optax" and base.__module__ != "optax._src.alias":
         return False
     if source == "optax.contrib" and name.startswith("scale_by_"):
         return False
@@ -323,7 +326,7 @@ def _kfac_with_statistics(learning_rate, layers, damping, decay, inverse_every, 
                        inverse_every=inverse_every, momentum=momentum, tikhonov=tikhonov)
 
     def update_fn(updates, state, params=None, *, statistics=None, apply_fn=None,
-                  batch=None, key=None, **extra_args):
+                  batch=None, key=None, step=None, **extra_args):
         if statistics is None:
             if apply_fn is None or batch is None or key is None or params is None:
                 raise ValueError("kfac needs `statistics`, or `apply_fn`, `batch`, `key` "
@@ -331,7 +334,7 @@ def _kfac_with_statistics(learning_rate, layers, damping, decay, inverse_every, 
                                  "apply_fn=apply_fn) supplies them).")
             statistics = _kfac.kfac_statistics(apply_fn, params, batch[0], key=key,
                                                loss=loss, num_samples=num_samples)
-        return inner.update(updates, state, params, statistics=statistics)
+        return inner.update(updates, state, params, statistics=statistics, step=step)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
