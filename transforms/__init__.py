@@ -53,7 +53,8 @@ from transforms._sam import (
     sam_ascent,
     sharpness_aware,
 )
-from transforms._sophia import gauss_newton_bartlett, sophia_g, sophia_h
+from transforms._sophia import (SophiaState, gauss_newton_bartlett, scale_by_sophia,
+                               sophia_g, sophia_h)
 from transforms.kfac import (
     KFACState,
     KFACStatistics,
@@ -72,7 +73,7 @@ __all__ = [
     "gsam",
     "hutchinson_diagonal", "hutchinson_estimator_diag_hessian", "hyperparameters",
     "lion", "make", "names", "register", "sam", "sam_ascent", "scale_by_adahessian",
-    "sharpness_aware", "sophia_g", "sophia_h", "spatial_average",
+    "sharpness_aware", "SophiaState", "scale_by_sophia", "sophia_g", "sophia_h", "spatial_average",
     "train_step", "KFACState", "KFACStatistics", "ShampooState", "SoapState",
     "find_dense_layers", "kfac", "kfac_statistics", "scale_by_kfac", "scale_by_shampoo",
     "scale_by_soap", "shampoo", "soap",

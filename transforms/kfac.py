@@ -181,7 +181,10 @@ def kfac_statistics(apply_fn: Callable, params: Any, inputs: Any, *,
     else:
         keys = jax.random.split(key, num_samples)
         cts = jax.vmap(lambda k: _sample_output_grad(loss, outputs, k))(keys)
-    gs = jax.lax.map(lambda c: pullback(c)[0], cts)      # per layer: (S, N, ..., out)
+    if cts.shape[0] == 1:   # a direct call: a one-trip loop would block XLA's fusions
+        gs = tuple(g[None] for g in pullback(cts[0])[0])
+    else:                   # one sample at a time keeps memory at one backward pass
+        gs = jax.lax.map(lambda c: pullback(c)[0], cts)  # per layer: (S, N, ..., out)
     a_list, g_list = [], []
     for k, (layer, a, g) in enumerate(zip(graph.layers, acts, gs)):
         a = tagging.layer_rows(graph, k, a)
@@ -203,12 +206,13 @@ def _eig_or_previous(factor, vecs, vals):
 
 
 def _damped_inverse(factor, shift):
-    # A Cholesky solve, not an eigendecomposition: on CPU it is ~10x cheaper, and the
-    # factored damping needs nothing but the inverse.
+    # Cholesky, not an eigendecomposition: on CPU it is ~10x cheaper, and the factored
+    # damping needs nothing but the inverse. (F + sI)⁻¹ = L⁻ᵀ L⁻¹ from one triangular
+    # inverse (n³/3) and one product, a third of a two-sided solve against I.
     eye = jnp.eye(factor.shape[0], dtype=factor.dtype)
-    chol = jax.scipy.linalg.cho_factor(0.5 * (factor + factor.T) + shift * eye, lower=True)
-    inv = jax.scipy.linalg.cho_solve(chol, eye)
-    return 0.5 * (inv + inv.T)
+    chol = jnp.linalg.cholesky(0.5 * (factor + factor.T) + shift * eye)
+    inv_l = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    return inv_l.T @ inv_l
 
 
 def _inverse_or_previous(factor, shift, previous):

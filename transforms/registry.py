@@ -282,7 +282,8 @@ register("sophia_h", _sophia.sophia_h, {"learning_rate": LEARNING_RATE, **_SOPHI
                                         "seed": Hyper(0, integer)})
 register("sophia_g", _sophia.sophia_g, {"learning_rate": LEARNING_RATE, **_SOPHIA_COMMON,
                                         "loss": Hyper("cross_entropy",
-                                                      one_of("cross_entropy", "mse"))})
+                                                      one_of("cross_entropy", "mse")),
+                                        "order": Hyper("paper", one_of("paper", "optax"))})
 register("adahessian", _adahessian.adahessian, {
     "learning_rate": LEARNING_RATE, "b1": _B1, "b2": _B2, "eps": Hyper(1e-4, positive),
     "weight_decay": Hyper(0.0, nonnegative),
