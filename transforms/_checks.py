@@ -17,3 +17,6 @@ from landscape._validate import (  # noqa: F401  (re-exported)
     unit_interval,
 )
 from landscape._validate import one_of as choice  # noqa: F401  (the old curried form)
+
+__all__ = ["boolean", "choice", "fraction", "integer", "nonnegative", "optional", "positive",
+           "positive_int", "schedule_or", "unit_interval"]

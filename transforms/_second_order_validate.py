@@ -27,6 +27,8 @@ from landscape._validate import (  # noqa: F401  (re-exported)
     unit_interval,
 )
 
+__all__ = ["choice", "decay", "non_negative", "non_negative_int", "positive", "positive_int"]
+
 
 def decay(value: Any, name: str, allow_one: bool = False) -> Any:
     return (closed_unit_interval if allow_one else unit_interval)(value, name)
