@@ -157,8 +157,8 @@ def _resolve(name: str) -> tuple[str, Mapping[str, Any], Callable]:
     if name in _optax_table():
         source, fn = _optax_table()[name]
         return source, _signature(fn), fn
-    raise ValueError(f"Unknown optimizer {name!r}; Basin's: {', '.join(names())}; or any "
-                     f"optax optimizer ({', '.join(optax_names())}).")
+    raise ValueError(f"Unknown optimizer {name!r}; valid choices: Basin's "
+                     f"{', '.join(names())}; optax's {', '.join(optax_names())}.")
 
 
 def accepts_traced(name: str) -> bool:

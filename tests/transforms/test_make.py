@@ -82,7 +82,7 @@ def test_sophia_h_hyperparameters_reach_optax():
 
 
 @pytest.mark.parametrize("name, hyper, match", [
-    ("nadamm", {"learning_rate": 0.1}, "Unknown optimizer 'nadamm'; Basin's: adahessian"),
+    ("nadamm", {"learning_rate": 0.1}, "Unknown optimizer 'nadamm'; valid choices: Basin's adahessian"),
     ("muon", {"learning_rate": 0.1, "bta": 0.9}, r"'bta' for 'muon' \(optax.contrib\); "
      "valid: learning_rate, ns_coeffs, ns_steps, beta"),
     ("muon", {"beta": 0.9}, "'muon' needs `learning_rate`"),
