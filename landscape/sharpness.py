@@ -91,20 +91,12 @@ class PacBayesFlatness(NamedTuple):
 # ----------------------------------------------------------------- helpers ---
 
 def _positive(value: Any, name: str) -> jax.Array:
-    """A positive scalar as an array; the check is skipped for traced values."""
-    if _validate.is_concrete(value):
-        v = np.asarray(value)  # numpy: a jnp comparison would be staged under tracing
-        if v.ndim != 0 or not bool(v > 0):
-            raise ValueError(f"`{name}` must be a positive scalar; got {value!r}.")
-    return jnp.asarray(value)
+    """`_validate.positive` (the shared check; traced values pass), as an array."""
+    return jnp.asarray(_validate.positive(value, name))
 
 
 def _nonnegative(value: Any, name: str) -> jax.Array:
-    if _validate.is_concrete(value):
-        v = np.asarray(value)
-        if v.ndim != 0 or not bool(v >= 0):
-            raise ValueError(f"`{name}` must be a non-negative scalar; got {value!r}.")
-    return jnp.asarray(value)
+    return jnp.asarray(_validate.nonnegative(value, name))
 
 
 def _check(loss_fn: LossFn, params: Any, batch: Any, chunk_size: int | None) -> None:

@@ -19,6 +19,9 @@ for `optax.contrib.sophia`), `scale_by_adahessian`, `scale_by_shampoo`, `scale_b
 `scale_by_kfac` (with `kfac_statistics` and `find_dense_layers`); Lion and Sophia-H are
 optax's own. `make("kfac", ...)` needs `layers=find_dense_layers(apply_fn, params, x)`
 and computes its statistics inside `train_step(..., apply_fn=apply_fn)`.
+
+`make` also builds every optax optimizer by name (`tx.make("muon", learning_rate=0.02)`);
+`describe()` lists every name with its hyper-parameters and defaults.
 """
 
 from optax import lion
@@ -35,6 +38,7 @@ from transforms.registry import (
     REQUIRED,
     Hyper,
     OptimizerSpec,
+    describe,
     hyperparameters,
     make,
     names,
@@ -49,7 +53,8 @@ from transforms._sam import (
     sam_ascent,
     sharpness_aware,
 )
-from transforms._sophia import gauss_newton_bartlett, sophia_g, sophia_h
+from transforms._sophia import (SophiaState, gauss_newton_bartlett, scale_by_sophia,
+                               sophia_g, sophia_h)
 from transforms.kfac import (
     KFACState,
     KFACStatistics,
@@ -64,10 +69,11 @@ from transforms.train import StepResult, train_step
 
 __all__ = [
     "AdaHessianState", "Hyper", "OptimizerSpec", "REQUIRED", "SharpnessAwareState",
-    "StepResult", "adahessian", "asam", "asam_ascent", "gauss_newton_bartlett", "gsam",
+    "StepResult", "adahessian", "asam", "asam_ascent", "describe", "gauss_newton_bartlett",
+    "gsam",
     "hutchinson_diagonal", "hutchinson_estimator_diag_hessian", "hyperparameters",
     "lion", "make", "names", "register", "sam", "sam_ascent", "scale_by_adahessian",
-    "sharpness_aware", "sophia_g", "sophia_h", "spatial_average",
+    "sharpness_aware", "SophiaState", "scale_by_sophia", "sophia_g", "sophia_h", "spatial_average",
     "train_step", "KFACState", "KFACStatistics", "ShampooState", "SoapState",
     "find_dense_layers", "kfac", "kfac_statistics", "scale_by_kfac", "scale_by_shampoo",
     "scale_by_soap", "shampoo", "soap",

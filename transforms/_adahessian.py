@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from transforms._checks import fraction, nonnegative, positive_int, unit_interval
+from landscape._validate import fraction, nonnegative, positive_int, unit_interval
 
 __all__ = ["AdaHessianState", "adahessian", "hutchinson_diagonal", "scale_by_adahessian",
            "spatial_average"]

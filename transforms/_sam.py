@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from transforms._checks import optional, positive, positive_int, schedule_or, nonnegative
+from landscape._validate import nonnegative, optional, positive, positive_int, schedule_or
 
 __all__ = [
     "SharpnessAwareState", "asam", "asam_ascent", "gsam", "sam", "sam_ascent",

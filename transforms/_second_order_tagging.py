@@ -1,12 +1,21 @@
-"""Finding the dense layers of a pure function, and running it with layer taps.
+"""Finding the dense and convolution layers of a pure function, and running it with taps.
 
 `apply_fn(params, inputs)` is traced to a jaxpr with calls (`jit`, `closed_call`)
 inlined. A *dense layer* is a `dot_general` whose right operand is a rank-2 parameter
 leaf (directly, or through `transpose` / `convert_element_type`) and whose left operand
 is an activation contracted on its last axis: `x @ W`, `x @ W.T`, `nnx.Linear`,
-`linen.Dense`, `eqx.nn.Linear` under `vmap` all lower to it. Its bias, if any, is a
-rank-1 parameter leaf added to the product's output. A kernel used by more than one
-`dot_general` (shared weights) is not a dense layer here.
+`linen.Dense`, `eqx.nn.Linear` under `vmap` all lower to it. A *convolution layer* is a
+`conv_general_dilated` (any layout, stride, padding, dilation; no feature or batch
+groups) of an activation with a parameter leaf as its kernel: `nnx.Conv`, `linen.Conv`,
+`lax.conv_general_dilated`. Its bias, if any, is a rank-1 parameter leaf added to the
+output. A kernel used by more than one `dot_general` / convolution (shared weights) is
+not a layer here.
+
+A convolution is a dense layer applied at every output position to the input patch
+under the kernel (Grosse & Martens 2016, KFC): `layer_rows` turns its recorded input
+into patches (`lax.conv_general_dilated_patches`, one row per example and position,
+features in (input channel, kernel offset) order) and `kernel_matrix` its kernel into
+the matching (patch size, output channels) matrix.
 
 `run_tapped` then re-evaluates the jaxpr equation by equation, recording each dense
 layer's input and adding a caller-supplied array to its output (before the bias), so
@@ -20,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
@@ -29,7 +39,10 @@ _BIAS_SHAPING = ("reshape", "broadcast_in_dim", "convert_element_type", "copy", 
 
 
 class DenseLayer(NamedTuple):
-    """A dense layer found in `apply_fn`: positions in `jax.tree.leaves(params)`."""
+    """A dense or convolution layer found in `apply_fn`: positions in
+    `jax.tree.leaves(params)`. For a convolution, `kernel_axes` orders the kernel's
+    axes as (input channel, spatial..., output channel), fan_in = channels × kernel
+    size; it is None for a dense layer."""
 
     name: str                 # path of the kernel leaf, e.g. "['layers'][0]['kernel']"
     kernel: int               # index of the kernel leaf
@@ -37,6 +50,7 @@ class DenseLayer(NamedTuple):
     transposed: bool          # kernel stored (out, in) rather than (in, out)
     fan_in: int
     fan_out: int
+    kernel_axes: tuple[int, ...] | None = None
 
 
 class Graph(NamedTuple):
@@ -81,6 +95,28 @@ def _eval(jaxpr, consts, args, tap: Callable | None = None, taps=()):
     return [_read(env, v) for v in jaxpr.outvars]
 
 
+def _dense_candidate(eqn, leaf: int, transposed: bool):
+    """(transposed, None) for `activation @ kernel`, else None."""
+    del leaf
+    lhs, rhs = eqn.invars
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb or len(rhs.aval.shape) != 2 or tuple(lc) != (len(lhs.aval.shape) - 1,) \
+            or len(rc) != 1:
+        return None
+    in_dim = rc[0] if not transposed else 1 - rc[0]
+    return in_dim == 1, None
+
+
+def _conv_candidate(eqn, leaf: int, transposed: bool):
+    """(False, kernel_axes) for a plain convolution with a parameter kernel, else None."""
+    del leaf
+    p = eqn.params
+    if transposed or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    rhs_spec = p["dimension_numbers"].rhs_spec
+    return False, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
+
+
 def trace(apply_fn: Callable, params: Any, inputs: Any) -> Graph:
     """Trace `apply_fn(params, inputs)`, inline its calls and find its dense layers."""
     leaves, _ = jax.tree.flatten((params, inputs))
@@ -107,7 +143,7 @@ def trace(apply_fn: Callable, params: Any, inputs: Any) -> Graph:
             origin[eqn.outvars[0]] = (i, not t)
         if name in _BIAS_SHAPING and ins and ins[0] in bias_origin:
             bias_origin[eqn.outvars[0]] = bias_origin[ins[0]]
-        if name != "dot_general" or len(eqn.invars) != 2:
+        if name not in ("dot_general", "conv_general_dilated") or len(eqn.invars) != 2:
             continue
         lhs, rhs = eqn.invars
         for v in (lhs, rhs):
@@ -115,20 +151,21 @@ def trace(apply_fn: Callable, params: Any, inputs: Any) -> Graph:
                 uses[origin[v][0]] = uses.get(origin[v][0], 0) + 1
         if rhs not in origin or lhs in origin or isinstance(lhs, jcore.Literal):
             continue
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        i, t = origin[rhs]
-        if lb or rb or len(rhs.aval.shape) != 2 or tuple(lc) != (len(lhs.aval.shape) - 1,) \
-                or len(rc) != 1:
-            continue
-        in_dim = rc[0] if not t else 1 - rc[0]
-        candidates.append((index, i, in_dim == 1, eqn.outvars[0]))
+        found = (_dense_candidate if name == "dot_general" else _conv_candidate)(
+            eqn, *origin[rhs])
+        if found is not None:
+            candidates.append((index, origin[rhs][0], found, eqn.outvars[0]))
 
     taps, layers, claimed = [], [], set()
-    for index, i, transposed, out in candidates:
+    for index, i, (transposed, axes), out in candidates:
         if uses.get(i, 0) != 1:
             continue
         shape = path_leaves[i][1].shape
-        fan_in, fan_out = (shape[1], shape[0]) if transposed else shape
+        if axes is not None:
+            fan_out = shape[axes[-1]]
+            fan_in = int(np.prod(shape)) // fan_out
+        else:
+            fan_in, fan_out = (shape[1], shape[0]) if transposed else shape
         bias = None
         for eqn in jaxpr.eqns[index + 1:]:
             if eqn.primitive.name != "add" or out not in eqn.invars:
@@ -141,7 +178,7 @@ def trace(apply_fn: Callable, params: Any, inputs: Any) -> Graph:
             break
         taps.append(index)
         layers.append(DenseLayer(jax.tree_util.keystr(path_leaves[i][0]), i, bias,
-                                 transposed, int(fan_in), int(fan_out)))
+                                 transposed, int(fan_in), int(fan_out), axes))
     return Graph(jaxpr, tuple(flat.consts), tuple(taps), tuple(layers), out_tree)
 
 
@@ -157,6 +194,47 @@ def run_tapped(graph: Graph, params: Any, inputs: Any, perturbations):
 
     outs = _eval(graph.jaxpr, graph.consts, leaves, tap, graph.taps)
     return jax.tree.unflatten(graph.out_tree, outs), tuple(recorded)
+
+
+def layer_rows(graph: Graph, k: int, recorded: jax.Array) -> jax.Array:
+    """The k-th layer's input as rows (examples × positions, fan_in): the activation
+    itself for a dense layer, its patches for a convolution."""
+    eqn = graph.jaxpr.eqns[graph.taps[k]]
+    if eqn.primitive.name != "conv_general_dilated":
+        return recorded.reshape(-1, recorded.shape[-1])
+    p, kernel = eqn.params, eqn.invars[1].aval
+    dn = p["dimension_numbers"]
+    patches = jax.lax.conv_general_dilated_patches(
+        recorded, tuple(kernel.shape[i] for i in dn.rhs_spec[2:]), p["window_strides"],
+        p["padding"], p["lhs_dilation"], p["rhs_dilation"], dn, p["precision"])
+    patches = jnp.moveaxis(patches, dn.out_spec[1], -1)
+    return patches.reshape(-1, patches.shape[-1])
+
+
+def output_rows(graph: Graph, k: int, out: jax.Array) -> jax.Array:
+    """An array shaped like the k-th layer's pre-activation (optionally with leading
+    axes) as rows (..., positions, fan_out), output features last."""
+    eqn = graph.jaxpr.eqns[graph.taps[k]]
+    if eqn.primitive.name == "conv_general_dilated":
+        lead = out.ndim - len(eqn.outvars[0].aval.shape)
+        out = jnp.moveaxis(out, lead + eqn.params["dimension_numbers"].out_spec[1], -1)
+    return out.reshape(-1, out.shape[-1])
+
+
+def kernel_matrix(layer: DenseLayer, kernel: jax.Array) -> jax.Array:
+    """The layer's kernel as an (fan_in, fan_out) matrix (rows matching `layer_rows`)."""
+    if layer.kernel_axes is not None:
+        return jnp.transpose(kernel, layer.kernel_axes).reshape(layer.fan_in, layer.fan_out)
+    return kernel.T if layer.transposed else kernel
+
+
+def kernel_from_matrix(layer: DenseLayer, matrix: jax.Array, shape: tuple) -> jax.Array:
+    """The inverse of `kernel_matrix`: a (fan_in, fan_out) matrix in the kernel's shape."""
+    if layer.kernel_axes is not None:
+        axes = layer.kernel_axes
+        permuted = matrix.reshape(tuple(shape[a] for a in axes))
+        return jnp.transpose(permuted, np.argsort(axes))
+    return matrix.T if layer.transposed else matrix
 
 
 def output_shapes(graph: Graph) -> tuple:

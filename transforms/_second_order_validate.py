@@ -1,40 +1,34 @@
-"""Hyper-parameter checks shared by Shampoo, SOAP and K-FAC (static values only)."""
+"""DEPRECATED, to be removed: the old names of Shampoo's and SOAP's argument checks.
+
+The one vocabulary lives in `landscape._validate`; these names map onto it so that
+`shampoo.py` and `soap.py` keep importing until they switch (then delete this file):
+
+    check.decay(v, n)                 -> _validate.unit_interval(v, n)
+    check.decay(v, n, allow_one=True) -> _validate.closed_unit_interval(v, n)
+    check.non_negative(v, n)          -> _validate.nonnegative(v, n)
+    check.non_negative_int(v, n)      -> _validate.nonnegative_int(v, n)
+    check.positive, positive_int, choice: same names in `landscape._validate`.
+
+Unlike the old checks these accept traced values and return the value unchanged
+(no `float()`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+from landscape._validate import (  # noqa: F401  (re-exported)
+    choice,
+    closed_unit_interval,
+    nonnegative as non_negative,
+    nonnegative_int as non_negative_int,
+    positive,
+    positive_int,
+    unit_interval,
+)
 
-from landscape._validate import choice, positive_int  # noqa: F401  (re-exported)
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer,
-                                                              np.floating))
-
-
-def decay(value: Any, name: str, allow_one: bool = False) -> float:
-    """A decay rate in [0, 1) (or [0, 1] with `allow_one`)."""
-    top = "1]" if allow_one else "1)"
-    if not _is_number(value) or not (0.0 <= value < 1.0 or (allow_one and value == 1.0)):
-        raise ValueError(f"`{name}` must be a number in [0, {top}; got {value!r}.")
-    return float(value)
+__all__ = ["choice", "decay", "non_negative", "non_negative_int", "positive", "positive_int"]
 
 
-def positive(value: Any, name: str) -> float:
-    if not _is_number(value) or not value > 0 or not np.isfinite(value):
-        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}.")
-    return float(value)
-
-
-def non_negative(value: Any, name: str) -> float:
-    if not _is_number(value) or not value >= 0 or not np.isfinite(value):
-        raise ValueError(f"`{name}` must be a non-negative finite number; got {value!r}.")
-    return float(value)
-
-
-def non_negative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer; got {value!r}.")
-    return int(value)
+def decay(value: Any, name: str, allow_one: bool = False) -> Any:
+    return (closed_unit_interval if allow_one else unit_interval)(value, name)

@@ -1,23 +1,98 @@
 """Sophia with its two Hessian-diagonal estimators (Liu et al. 2023).
 
 Sophia-H is `optax.contrib.sophia` with optax's Hutchinson estimator, unchanged.
-Sophia-G plugs the Gauss-Newton-Bartlett estimator below into the same optax
-transform through its `hessian_diagonal_fn` hook.
+Sophia-G uses the Gauss-Newton-Bartlett estimator below, by default in the step order
+of the paper's Algorithm 3 (`scale_by_sophia`, `order="paper"`), or, with
+`order="optax"`, plugged into optax's transform through its `hessian_diagonal_fn` hook.
+
+The two orders
+--------------
+Liu et al.'s Algorithm 3, at step t (1-based), refreshes first and then steps:
+
+    m_t = β1 m_{t-1} + (1 − β1) g_t
+    if t mod k = 1:  h_t = β2 h_{t-k} + (1 − β2) ĥ_t      (else h_t = h_{t-1})
+    θ_{t+1} = θ_t − η λ θ_t − η clip(m_t / max(γ h_t, ε), 1)
+
+`optax.contrib.sophia` steps with the estimate from *before* this step's refresh
+(h_{t-1}) and divides a bias-corrected m_t / (1 − β1ᵗ): its first step, with h_0 = 0,
+is −η (sign(g_1) + λ θ_1) whatever the curvature, where Algorithm 3's first step
+already divides by the first estimate.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 from optax import contrib
 
-from transforms._checks import choice, positive_int
+from landscape._validate import choice, positive_int
 
-__all__ = ["gauss_newton_bartlett", "sophia_g", "sophia_h"]
+__all__ = ["SophiaState", "gauss_newton_bartlett", "scale_by_sophia", "sophia_g",
+           "sophia_h"]
 
 _LOSSES = ("cross_entropy", "mse")
+_ORDERS = ("paper", "optax")
+
+
+class SophiaState(NamedTuple):
+    """State of `scale_by_sophia`: step count, momentum m, Hessian-diagonal EMA h."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    hessian_fn_state: Any
+
+
+def scale_by_sophia(hessian_diagonal_fn: optax.GradientTransformation, *,
+                    b1: Any = 0.965, b2: Any = 0.99, eps: Any = 1e-8, gamma: Any = 0.01,
+                    clip_threshold: Optional[Any] = 1.0, update_interval: int = 10
+                    ) -> optax.GradientTransformationExtraArgs:
+    """Sophia's direction in the order of Liu et al. 2023, Algorithm 3 (no learning rate,
+    no weight decay): refresh h from `hessian_diagonal_fn` when the step is a multiple of
+    `update_interval` (from the first), then return clip(m / max(γ h, ε), ±clip_threshold)
+    with m ← b1 m + (1 − b1) g (no bias correction, as in the paper).
+
+    The refresh branches on the extra argument `step` when given (`train_step(...,
+    step=t)`; unbatched inside `jax.vmap`, the branch stays a branch), else on the
+    state's count. Other extra arguments go to `hessian_diagonal_fn`'s update. See the
+    module docstring for how this differs from `optax.contrib.sophia`.
+
+    Example:
+      >>> opt = optax.chain(tx.scale_by_sophia(tx.gauss_newton_bartlett()),
+      ...                   optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(1e-3))
+    """
+    update_interval = positive_int(update_interval, "update_interval")
+    hessian_diagonal_fn = optax.with_extra_args_support(hessian_diagonal_fn)
+
+    def init_fn(params):
+        return SophiaState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params),
+                           optax.tree.zeros_like(params), hessian_diagonal_fn.init(params))
+
+    def update_fn(updates, state, params=None, *, step=None, **extra_args):
+        if params is None:
+            raise ValueError("scale_by_sophia needs `params` in update.")
+
+        def refresh(hess_state, nu):
+            diag, hess_state = hessian_diagonal_fn.update(updates, hess_state, params,
+                                                          **extra_args)
+            return hess_state, jax.tree.map(lambda n, d: b2 * n + (1 - b2) * d, nu, diag)
+
+        now = state.count if step is None else step
+        hess_state, nu = jax.lax.cond(now % update_interval == 0, refresh,
+                                      lambda h, n: (h, n), state.hessian_fn_state,
+                                      state.nu)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        direction = jax.tree.map(lambda m, h: m / jnp.maximum(gamma * h, eps), mu, nu)
+        if clip_threshold is not None:
+            direction = jax.tree.map(
+                lambda u: jnp.clip(u, -clip_threshold, clip_threshold), direction)
+        return direction, SophiaState(optax.safe_increment(state.count), mu, nu,
+                                      hess_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def gauss_newton_bartlett(loss: str = "cross_entropy") -> optax.GradientTransformationExtraArgs:
@@ -44,7 +119,7 @@ def gauss_newton_bartlett(loss: str = "cross_entropy") -> optax.GradientTransfor
       >>> updates, state = opt.update(g, state, params,
       ...     output_fn=lambda p: apply_fn(p, x), key=jax.random.key(step))
     """
-    choice(*_LOSSES)(loss, "loss")
+    choice(loss, "loss", _LOSSES)
 
     def update_fn(updates, state, params=None, *, output_fn=None, key=None, **extra_args):
         del updates, extra_args
@@ -103,13 +178,18 @@ def sophia_h(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0
 def sophia_g(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0.99,
              eps: Any = 1e-8, weight_decay: Any = 1e-4, gamma: Any = 0.01,
              clip_threshold: Optional[Any] = 1.0, update_interval: int = 10,
-             loss: str = "cross_entropy") -> optax.GradientTransformationExtraArgs:
-    """Sophia-G: `optax.contrib.sophia` with the Gauss-Newton-Bartlett estimator.
+             loss: str = "cross_entropy", order: str = "paper"
+             ) -> optax.GradientTransformationExtraArgs:
+    """Sophia-G: Sophia with the Gauss-Newton-Bartlett estimator (Liu et al. 2023).
 
-    Same update as `sophia_h`; the Hessian diagonal comes from `gauss_newton_bartlett`
-    (Liu et al. 2023, Algorithm 2), which needs the extra arguments `output_fn` and
-    `key` (`transforms.train_step(..., apply_fn=apply_fn)` supplies both). The
-    paper's Sophia-G scales the estimate by the batch size, which `gauss_newton_bartlett`
+    `order="paper"` (default): Algorithm 3 as written, refresh the estimate then step
+    (`scale_by_sophia`, then decoupled weight decay, then −η). `order="optax"`:
+    `optax.contrib.sophia` with this estimator (each step uses the estimate from
+    before its refresh, and a bias-corrected momentum); the module docstring states the
+    difference. The Hessian diagonal comes from `gauss_newton_bartlett` (Algorithm 2),
+    which needs the extra arguments `output_fn` and `key`
+    (`transforms.train_step(..., apply_fn=apply_fn)` supplies both). The paper's
+    Sophia-G scales the estimate by the batch size, which `gauss_newton_bartlett`
     does; tune `gamma` accordingly.
 
     Example:
@@ -117,7 +197,14 @@ def sophia_g(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0
       >>> step = tx.train_step(opt, loss_fn, params, state, (x, y), key, apply_fn=apply_fn)
     """
     positive_int(update_interval, "update_interval")
-    return contrib.sophia(
-        learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, gamma=gamma,
-        clip_threshold=clip_threshold, update_interval=update_interval,
-        hessian_diagonal_fn=gauss_newton_bartlett(loss))
+    choice(order, "order", _ORDERS)
+    if order == "optax":
+        return contrib.sophia(
+            learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, gamma=gamma,
+            clip_threshold=clip_threshold, update_interval=update_interval,
+            hessian_diagonal_fn=gauss_newton_bartlett(loss))
+    return optax.chain(
+        scale_by_sophia(gauss_newton_bartlett(loss), b1=b1, b2=b2, eps=eps, gamma=gamma,
+                        clip_threshold=clip_threshold, update_interval=update_interval),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate))

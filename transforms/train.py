@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["StepResult", "train_step"]
@@ -17,10 +19,21 @@ class StepResult(NamedTuple):
     loss: jax.Array   # the mean loss at the parameters *before* the step
 
 
+def _integer_scalar(value: Any, name: str) -> Any:
+    dtype = getattr(value, "dtype", None)
+    ok = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) or (
+        dtype is not None and jnp.ndim(value) == 0 and jnp.issubdtype(dtype, jnp.integer))
+    if not ok:
+        raise ValueError(f"`{name}` must be an integer scalar (the global step count); "
+                         f"got {value!r}.")
+    return value
+
+
 def train_step(optimizer: optax.GradientTransformation,
                loss_fn: Callable[[Any, Any], jax.Array], params: Any, opt_state: Any,
                batch: Any, key: jax.Array, *,
                apply_fn: Optional[Callable[[Any, Any], Any]] = None,
+               step: Any = None,
                extra_args: Optional[dict] = None) -> StepResult:
     """One step of any optimizer: gradient, `optimizer.update` with its extra arguments, apply.
 
@@ -40,11 +53,16 @@ def train_step(optimizer: optax.GradientTransformation,
     output_fn     `output_fn(p) -> apply_fn(p, batch[0])` for a batch `(inputs,
                   labels)`, or None without `apply_fn` (Sophia-G's sampled labels)
     key           a fresh `jax.random` key for this step (probes, sampled labels)
+    step          the global step count, an integer scalar, only when the caller
+                  gives `step=` (K-FAC's periodic refresh branches on it; inside
+                  `jax.vmap` over members pass it unbatched, `in_axes=None`, so the
+                  branch stays a branch instead of becoming a select)
     ============  =====================================================================
 
     plus anything in `extra_args`. A transform takes the ones it needs by keyword and
     must accept the rest through `**extra_args` (`optax.chain` and
-    `optax.with_extra_args_support` handle plain optax transforms). Unused closures cost
+    `optax.with_extra_args_support` handle plain optax transforms; `train_step` applies the
+latter itself, so `optax.adam(1e-3)` works as given). Unused closures cost
     nothing under `jit`: a function that is not called is not traced, and a gradient
     nobody reads is removed by XLA. Pass a new `key` every step (e.g.
     `jax.random.fold_in(key, step)`).
@@ -61,6 +79,7 @@ def train_step(optimizer: optax.GradientTransformation,
         given.
       key: a `jax.random` key for this step.
       apply_fn: optional model function for output-space estimators (Sophia-G).
+      step: optional global step count (an integer scalar), passed as `step`.
       extra_args: more keyword arguments for `optimizer.update`.
 
     Returns:
@@ -90,6 +109,8 @@ def train_step(optimizer: optax.GradientTransformation,
 
     extras = dict(grad_fn=grad_fn, obj_fn=obj_fn, loss_fn=loss_fn, batch=batch,
                   apply_fn=apply_fn, output_fn=output_fn, key=key)
+    if step is not None:
+        extras["step"] = _integer_scalar(step, "step")
     if extra_args:
         clash = sorted(set(extra_args) & set(extras))
         if clash:
@@ -98,5 +119,6 @@ def train_step(optimizer: optax.GradientTransformation,
         extras.update(extra_args)
 
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    optimizer = optax.with_extra_args_support(optimizer)
     updates, opt_state = optimizer.update(grads, opt_state, params, **extras)
     return StepResult(optax.apply_updates(params, updates), opt_state, loss)

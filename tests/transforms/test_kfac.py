@@ -105,25 +105,36 @@ def test_direction_is_the_damped_kronecker_solve(tikhonov):
         np.testing.assert_allclose(d[name]["b"], want[-1], rtol=1e-8, atol=1e-12)
 
 
-def test_factors_are_averaged_then_decayed_and_inverses_refreshed_on_schedule():
+@pytest.mark.parametrize("tikhonov", ["exact", "factored"])
+def test_factors_are_averaged_then_decayed_and_inverses_refreshed_on_schedule(tikhonov):
     params = linear_params()
     layers = find_dense_layers(linear_apply, params, jnp.zeros((1, 4)))
-    opt = scale_by_kfac(layers, decay=0.6, inverse_every=2)
+    lam = 1e-2
+    opt = scale_by_kfac(layers, decay=0.6, inverse_every=2, damping=lam, tikhonov=tikhonov)
     state, update = opt.init(params), jax.jit(opt.update)
     stats_fn = jax.jit(lambda x, k: kfac_statistics(linear_apply, params, x, key=k))
     xs = [jax.random.normal(jax.random.key(i), (6, 4)) for i in range(4)]
-    a_run = None
+    a_run = g_run = None
     for t, x in enumerate(xs):
         stats = stats_fn(x, jax.random.key(10 + t))
         _, state = update(params, state, statistics=stats)
         w = max(1 - 0.6, 1 / (t + 1))
-        a_new = np.asarray(stats.activations[0])
+        a_new, g_new = np.asarray(stats.activations[0]), np.asarray(stats.gradients[0])
         a_run = a_new if a_run is None else (1 - w) * a_run + w * a_new
+        g_run = g_new if g_run is None else (1 - w) * g_run + w * g_new
         np.testing.assert_allclose(state.activations[0], a_run, rtol=1e-12)
         if t % 2 == 0:
-            a_at_refresh = a_run
-        vecs, vals = state.activation_eigvecs[0], state.activation_eigvals[0]
-        np.testing.assert_allclose((vecs * vals) @ vecs.T, a_at_refresh, atol=1e-10)
+            a_at, g_at = a_run, g_run
+        assert int(state.refreshes) == t // 2 + 1
+        if tikhonov == "exact":
+            vecs, vals = state.activation_eigvecs[0], state.activation_eigvals[0]
+            np.testing.assert_allclose((vecs * vals) @ vecs.T, a_at, atol=1e-10)
+        else:
+            pi = np.sqrt((np.trace(a_at) / 5) / (np.trace(g_at) / 3))
+            want_a = np.linalg.inv(a_at + pi * np.sqrt(lam) * np.eye(5))
+            want_g = np.linalg.inv(g_at + np.sqrt(lam) / pi * np.eye(3))
+            np.testing.assert_allclose(state.activation_inverses[0], want_a, rtol=1e-9)
+            np.testing.assert_allclose(state.gradient_inverses[0], want_g, rtol=1e-9)
 
 
 def test_cosine_with_exact_natural_gradient_on_a_tiny_mlp():

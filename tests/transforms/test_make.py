@@ -82,7 +82,11 @@ def test_sophia_h_hyperparameters_reach_optax():
 
 
 @pytest.mark.parametrize("name, hyper, match", [
-    ("nadam", {"learning_rate": 0.1}, "valid choices: adahessian, adam, adamw"),
+    ("nadamm", {"learning_rate": 0.1}, "Unknown optimizer 'nadamm'; valid choices: Basin's adahessian"),
+    ("muon", {"learning_rate": 0.1, "bta": 0.9}, r"'bta' for 'muon' \(optax.contrib\); "
+     "valid: learning_rate, ns_coeffs, ns_steps, beta"),
+    ("muon", {"beta": 0.9}, "'muon' needs `learning_rate`"),
+    ("adabelief", {"learning_rate": -1.0}, "`learning_rate` must be a number > 0"),
     ("sam", {"learning_rate": 0.1, "rh0": 0.1}, "valid: learning_rate, rho"),
     ("sam", {}, "needs `learning_rate`"),
     ("sgd", {"learning_rate": -0.1}, "`learning_rate` must be a number > 0"),
@@ -194,3 +198,86 @@ def test_train_step_contract():
     with pytest.raises(ValueError, match="inputs, labels"):
         tx.train_step(spy, ce_loss, PARAMS, spy.init(PARAMS), {"x": BATCH[0]},
                       jax.random.key(3), apply_fn=mlp_apply)
+    tx.train_step(spy, ce_loss, PARAMS, spy.init(PARAMS), BATCH, jax.random.key(3),
+                  step=jnp.int32(7))
+    assert int(seen["step"]) == 7
+    with pytest.raises(ValueError, match="`step` must be an integer scalar"):
+        tx.train_step(spy, ce_loss, PARAMS, spy.init(PARAMS), BATCH, jax.random.key(3),
+                      step=1.5)
+
+
+def _optax_steps(opt, steps=3):
+    """`steps` plain optax steps: gradient, `opt.update`, apply."""
+    p, s = PARAMS, opt.init(PARAMS)
+    for _ in range(steps):
+        u, s = opt.update(jax.grad(ce_loss)(p, BATCH), s, p)
+        p = optax.apply_updates(p, u)
+    return p
+
+
+@pytest.mark.parametrize("name, hyper, reference", [
+    ("muon", {"learning_rate": 0.02, "beta": 0.9},
+     lambda: optax.contrib.muon(0.02, beta=0.9)),
+    ("schedule_free_adamw", {"learning_rate": 1e-2, "warmup_steps": 2},
+     lambda: optax.contrib.schedule_free_adamw(1e-2, warmup_steps=2)),
+    ("nadam", {"learning_rate": 1e-2}, lambda: optax.nadam(1e-2)),
+])
+def test_optax_optimizers_by_name_equal_optax_own(name, hyper, reference):
+    opt = tx.make(name, **hyper)
+    p, s = PARAMS, opt.init(PARAMS)
+    step = jax.jit(functools.partial(tx.train_step, opt, ce_loss, apply_fn=mlp_apply,
+                                     step=None))
+    for t in range(3):
+        p, s, _ = step(p, s, BATCH, jax.random.key(t))
+    want = _optax_steps(reference())
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_optax_optimizer_by_name_under_vmap_over_learning_rates():
+    def run(lr):
+        opt = tx.make("muon", learning_rate=lr)
+        p, s = PARAMS, opt.init(PARAMS)
+        for t in range(3):
+            p, s, _ = tx.train_step(opt, ce_loss, p, s, BATCH, jax.random.key(t),
+                                    step=t)
+        return p
+
+    lrs = jnp.array([0.01, 0.05])
+    swept = jax.jit(jax.vmap(run))(lrs)
+    for i, lr in enumerate((0.01, 0.05)):
+        want = _optax_steps(optax.contrib.muon(lr))
+        for a, b in zip(jax.tree.leaves(swept), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a[i], b, rtol=1e-9, atol=1e-12)
+
+
+def test_describe_lists_every_name_with_its_hyperparameters():
+    table = {name: (source, hyper) for name, source, hyper in tx.describe()}
+    assert table["sam"] == ("basin", tx.hyperparameters("sam"))
+    assert table["adam"][0] == "basin"          # Basin's registry comes first
+    assert table["muon"][0] == "optax.contrib"
+    assert table["muon"][1]["learning_rate"] is tx.REQUIRED
+    assert table["muon"][1]["beta"] == 0.95     # optax's own default
+    assert table["adafactor"][0] == "optax"
+    for name in ("schedule_free_adamw", "ademamix", "adopt", "prodigy", "lion", "kfac"):
+        assert name in table
+    # not optimizers: building blocks, combinators, wrappers, schedules, losses
+    for name in ("chain", "clip", "scale_by_adam", "scale_by_learning_rate",
+                 "schedule_free", "cosine_decay_schedule", "l2_loss", "scale_by_madgrad"):
+        assert name not in table
+    assert set(tx.names()) <= set(table) and not set(tx.names()) & set(
+        registry.optax_names())
+
+
+def test_plain_optax_transform_through_train_step():
+    opt = optax.adam(1e-2)                        # no extra-args support of its own
+    out = tx.train_step(opt, ce_loss, PARAMS, opt.init(PARAMS), BATCH, jax.random.key(0),
+                        apply_fn=mlp_apply, step=0)
+    want = _optax_steps(optax.adam(1e-2), steps=1)
+    for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_accepts_traced_is_deprecated_and_always_true():
+    with pytest.warns(DeprecationWarning):
+        assert registry.accepts_traced("shampoo") and registry.accepts_traced("muon")
