@@ -192,3 +192,20 @@ def test_ravine_far_fewer_steps_than_tuned_sgd_and_adam():
                            precondition_every=1), np.geomspace(0.01, 3, 8), 1000)
     assert ours <= 1000, ours
     assert ours < 0.5 * min(sgd, adam), (ours, sgd, adam)
+
+
+def test_bias_correction_in_float64_with_decaying_statistics():
+    """b2 < 1 in float64 against the EMA written plainly (issue 17: the correction was
+    computed in float32, off by √((1 − float32(b2)) / (1 − b2)) = 6.4e-6 at 0.999)."""
+    b2, eps = 0.999, 1e-12
+    opt = scale_by_shampoo(b1=0.0, b2=b2, eps=eps, graft="none",
+                           start_preconditioning_step=0, precondition_every=1)
+    gs = grads_sequence((5, 4), 4, seed=7)
+    state, update = opt.init(jnp.zeros((5, 4), jnp.float64)), jax.jit(opt.update)
+    L, R = np.zeros((5, 5)), np.zeros((4, 4))
+    for n, g in enumerate(gs, start=1):
+        u, state = update(jnp.asarray(g), state)
+        L, R = b2 * L + (1 - b2) * g @ g.T, b2 * R + (1 - b2) * g.T @ g
+        c = 1 - b2 ** n
+        want = np_inv_root(L / c, 4, eps) @ g @ np_inv_root(R / c, 4, eps)
+        np.testing.assert_allclose(u, want, rtol=1e-9)
