@@ -90,17 +90,17 @@ def from_blocks(xb: jax.Array, plan: BlockPlan) -> jax.Array:
 
 def mode_statistic(xb: jax.Array, i: int) -> jax.Array:
     """`X_(i) X_(i)ᵀ` per block: the mode-i Gram matrix, `(total_blocks, b_i, b_i)`."""
-    u = jnp.moveaxis(xb, 1 + i, 1)
-    u = u.reshape(u.shape[0], u.shape[1], -1)
-    return u @ jnp.swapaxes(u, -1, -2)
+    # one dot_general contracting every other axis: no transposed copy of the gradient
+    others = tuple(d for d in range(1, xb.ndim) if d != 1 + i)
+    return jax.lax.dot_general(xb, xb, ((others, others), ((0,), (0,))))
 
 
 def mode_product(xb: jax.Array, m: jax.Array, i: int) -> jax.Array:
     """`X ×_i M` per block: `out[.., a, ..] = Σ_j M[a, j] X[.., j, ..]` along dimension i."""
-    y = jnp.moveaxis(xb, 1 + i, -1)
-    shape = y.shape
-    y = y.reshape(shape[0], -1, shape[-1]) @ jnp.swapaxes(m, -1, -2)
-    return jnp.moveaxis(y.reshape(shape), -1, 1 + i)
+    if i == xb.ndim - 2:   # the last axis: X Mᵀ lands in place
+        return jax.lax.dot_general(xb, m, (((xb.ndim - 1,), (2,)), ((0,), (0,))))
+    y = jax.lax.dot_general(m, xb, (((2,), (1 + i,)), ((0,), (0,))))
+    return jnp.moveaxis(y, 1, 1 + i)
 
 
 def identity_blocks(plan: BlockPlan, dtype) -> tuple[jax.Array, ...]:
