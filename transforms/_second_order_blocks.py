@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 class BlockPlan(NamedTuple):
@@ -237,6 +238,16 @@ def is_traced(value) -> bool:
     """True for arrays and tracers: hyper-parameters that are checked where they are
     made, not by the builder (they may be swept under `vmap`)."""
     return isinstance(value, (jax.Array, jax.core.Tracer))
+
+
+def descent(scaling: optax.GradientTransformation, learning_rate, weight_decay
+            ) -> optax.GradientTransformation:
+    """`scaling`, then decoupled weight decay (as `optax.adamw`; left out when it is a
+    literal 0, so `update` needs no `params`), then the step −learning_rate."""
+    parts = [scaling]
+    if is_traced(weight_decay) or weight_decay != 0:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
 
 
 def check_block_size(block_size) -> int:

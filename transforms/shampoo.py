@@ -168,6 +168,18 @@ def scale_by_shampoo(
     compute per step O(mn·b) for the statistics and the preconditioned direction, plus
     O((m + n)·b²) for the `eigh` calls every `precondition_every` steps.
 
+    In a vmapped group (a sweep), pass the global step count as `update(..., step=t)`
+    with `t` unbatched (`in_axes=None`, or through `transforms.train_step`'s extra
+    arguments): the refresh condition is then computed from `t` rather than from each
+    member's own counter, so its `lax.cond` stays a branch and the decompositions run once
+    per period for the whole group instead of at every step. `t` must equal the number of
+    updates taken before this one (what `state.count` holds). Without `step`, the state's
+    counter decides, as in any optax transform. Decompositions run one matrix at a time
+    and one after another (batched LAPACK calls deadlocked XLA's CPU thread pool).
+
+    `b1`, `b2`, `eps` and `graft_eps` may be arrays (e.g. traced inside a `vmap` over a
+    hyper-parameter grid); they are then not checked here.
+
     Args:
       b1: momentum decay in [0, 1).
       b2: decay of the statistics and of the Adam graft's second moment, in [0, 1].
@@ -222,9 +234,12 @@ def shampoo(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
+    weight_decay: float = 0.0,
     **kwargs,
 ) -> optax.GradientTransformation:
-    """Shampoo with a learning rate: `scale_by_shampoo` followed by a descent step.
+    """Shampoo with a learning rate: `scale_by_shampoo`, decoupled weight decay (added
+    to the scaled update, as in `optax.adamw`; `update` then needs `params`), a descent
+    step.
 
     Keyword arguments (`block_size`, `precondition_every`, `stats_every`,
     `start_preconditioning_step`, `graft`, `graft_eps`, `exponent`) are those of
@@ -236,5 +251,6 @@ def shampoo(
       >>> updates, state = opt.update(grads, state)
       >>> params = optax.apply_updates(params, updates)
     """
-    return optax.chain(scale_by_shampoo(b1, b2, eps, **kwargs),
-                       optax.scale_by_learning_rate(learning_rate))
+    weight_decay = _checked(check.non_negative, weight_decay, "weight_decay")
+    return blocks.descent(scale_by_shampoo(b1, b2, eps, **kwargs), learning_rate,
+                          weight_decay)

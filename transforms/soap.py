@@ -155,6 +155,18 @@ def scale_by_soap(
     moments, statistics and bases); compute per step O(mn·b) for the statistics and the
     four rotations, plus O((m + n)·b²) per refresh (`eigh` or QR).
 
+    In a vmapped group (a sweep), pass the global step count as `update(..., step=t)`
+    with `t` unbatched (`in_axes=None`, or through `transforms.train_step`'s extra
+    arguments): the refresh condition is then computed from `t` rather than from each
+    member's own counter, so its `lax.cond` stays a branch and the decompositions run once
+    per period for the whole group instead of at every step. `t` must equal the number of
+    updates taken before this one (what `state.count` holds). Without `step`, the state's
+    counter decides, as in any optax transform. Decompositions run one matrix at a time
+    and one after another (batched LAPACK calls deadlocked XLA's CPU thread pool).
+
+    `b1`, `b2`, `eps` and `shampoo_b2` may be arrays (e.g. traced inside a `vmap` over a
+    hyper-parameter grid); they are then not checked here.
+
     Args:
       b1: Adam's first-moment decay in [0, 1).
       b2: Adam's second-moment decay in [0, 1).
@@ -217,9 +229,11 @@ def soap(
     b1: float = 0.95,
     b2: float = 0.95,
     eps: float = 1e-8,
+    weight_decay: float = 0.0,
     **kwargs,
 ) -> optax.GradientTransformation:
-    """SOAP with a learning rate: `scale_by_soap` followed by a descent step.
+    """SOAP with a learning rate: `scale_by_soap`, decoupled weight decay (added to the
+    scaled update, as in `optax.adamw`; `update` then needs `params`), a descent step.
 
     Keyword arguments (`shampoo_b2`, `block_size`, `precondition_every`,
     `start_preconditioning_step`, `basis`) are those of `scale_by_soap`.
@@ -230,5 +244,6 @@ def soap(
       >>> updates, state = opt.update(grads, state)
       >>> params = optax.apply_updates(params, updates)
     """
-    return optax.chain(scale_by_soap(b1, b2, eps, **kwargs),
-                       optax.scale_by_learning_rate(learning_rate))
+    weight_decay = _checked(check.non_negative, weight_decay, "weight_decay")
+    return blocks.descent(scale_by_soap(b1, b2, eps, **kwargs), learning_rate,
+                          weight_decay)
