@@ -209,3 +209,18 @@ def test_bias_correction_in_float64_with_decaying_statistics():
         c = 1 - b2 ** n
         want = np_inv_root(L / c, 4, eps) @ g @ np_inv_root(R / c, 4, eps)
         np.testing.assert_allclose(u, want, rtol=1e-9)
+
+
+def test_weight_decay_before_preconditioning_is_adamw():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    ours = shampoo(0.1, b1=0.9, b2=0.99, weight_decay=0.05, graft_eps=1e-8,
+                   start_preconditioning_step=10**6)
+    ref = optax.adamw(0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.05)
+    s1, s2, p1, p2 = ours.init(params), ref.init(params), params, params
+    for g in [{"w": jnp.asarray(g), "b": jnp.asarray(g[0])}
+              for g in grads_sequence((4, 3), 4, seed=9)]:
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = ref.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
