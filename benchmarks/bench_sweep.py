@@ -50,8 +50,95 @@ def _compare(batch: int, x, y, model) -> tuple[float, float, float]:
     return median_time(vmapped, repeats=3), median_time(sequential, repeats=3), compile_s
 
 
+def _member_run(make, x, y, with_step):
+    """`run(lr) -> final loss` of one member: OPT_STEPS steps in one `lax.scan`."""
+    key = jax.random.key(0)
+    params = []
+    for i, (a, b) in enumerate(zip(OPT_SIZES[:-1], OPT_SIZES[1:])):
+        w = jax.random.normal(jax.random.fold_in(key, i), (a, b), jnp.float32)
+        params.append({"w": w * (2.0 / a) ** 0.5, "b": jnp.zeros(b, jnp.float32)})
+
+    def loss(p, xb, yb):
+        h = xb
+        for layer in p[:-1]:
+            h = jax.nn.relu(h @ layer["w"] + layer["b"])
+        logits = h @ p[-1]["w"] + p[-1]["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def run(lr):
+        opt = make(lr)
+
+        def step(carry, t):
+            p, s = carry
+            idx = (t * OPT_BATCH + jnp.arange(OPT_BATCH)) % x.shape[0]
+            g = jax.grad(loss)(p, x[idx], y[idx])
+            u, s = opt.update(g, s, p, **({"step": t} if with_step else {}))
+            return (optax.apply_updates(p, u), s), None
+
+        (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(OPT_STEPS))
+        return loss(p, x, y)
+    return run
+
+
+def optimizer_groups(x, y) -> dict:
+    """name -> {way: median seconds}; ways 'one', 'group' and (second-order) 'select'."""
+    lrs = jnp.geomspace(1e-4, 3e-2, OPT_MEMBERS).astype(jnp.float32)
+    runs = {}
+    for name, make in OPTIMIZERS.items():
+        # a transform that takes no `step` (Adam) gets it through optax's extra arguments
+        make_x = (lambda lr, make=make: optax.with_extra_args_support(make(lr))) \
+            if name == "adam" else make
+        ways = {"one": (jax.jit(_member_run(make_x, x, y, True)), lrs[0]),
+                "group": (jax.jit(jax.vmap(_member_run(make_x, x, y, True))), lrs)}
+        if name != "adam":
+            ways["select"] = (jax.jit(jax.vmap(_member_run(make, x, y, False))), lrs)
+        for way, (fn, arg) in ways.items():
+            jax.block_until_ready(fn(arg))
+            runs[name, way] = (fn, arg)
+    times = {k: [] for k in runs}
+    for _ in range(OPT_ROUNDS):
+        for k, (fn, arg) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(arg))
+            times[k].append(time.perf_counter() - t0)
+    out = {}
+    for (name, way), t in times.items():
+        out.setdefault(name, {})[way] = statistics.median(t)
+        print(f"  {name} {way}: {out[name][way]:.3f} s", flush=True)
+    return out
+
+
+def optimizer_section(x, y) -> str:
+    t = optimizer_groups(x, y)
+    adam_ratio = t["adam"]["group"] / t["adam"]["one"]
+    rows = ["| optimizer | 1 member (s) | group of 8, `step=` (s) | 8 / 1 | ÷ Adam's 8 / 1 "
+            "| group of 8 without `step=` (s) |", "|---|---|---|---|---|---|"]
+    for name in ("adam", "shampoo", "soap"):
+        r = t[name]
+        ratio = r["group"] / r["one"]
+        sel = f"{r['select']:.2f}" if "select" in r else "—"
+        rows.append(f"| {name} | {r['one']:.2f} | {r['group']:.2f} | {ratio:.1f}× | "
+                    f"{ratio / adam_ratio:.2f} | {sel} |")
+    rows.append("| kfac | (its owner's row) | | | | |")
+    return "\n".join([
+        "## Second-order optimizers in vmapped groups (`bench_sweep --optimizers`)", "",
+        f"Machine: {machine()}; OPENBLAS_NUM_THREADS="
+        f"{os.environ.get('OPENBLAS_NUM_THREADS')}; load average "
+        f"{os.getloadavg()[0]:.1f} when written (other jobs share the cores).", "",
+        f"MNIST-1D MLP {'-'.join(map(str, OPT_SIZES))}, batch {OPT_BATCH}, {OPT_STEPS} "
+        f"steps, default settings (refresh every 10 steps), {OPT_MEMBERS} learning rates; "
+        f"medians of {OPT_ROUNDS} interleaved rounds, compilation not timed. Goal: each "
+        "second-order optimizer's 8 / 1 within 1.5× of Adam's.", "",
+        *rows])
+
+
 def main() -> None:
     data = mnist1d()
+    if "--optimizers" in sys.argv[1:]:
+        md = optimizer_section(jnp.asarray(data.x_train), jnp.asarray(data.y_train))
+        write_section("bench_sweep_optimizers", md)
+        print(md)
+        return
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     model = build_model({"name": "mlp", "hidden": HIDDEN, "activation": "relu"}, 40, 10)
     weights = 40 * HIDDEN[0] + HIDDEN[0] * HIDDEN[1] + HIDDEN[1] * 10
@@ -83,6 +170,9 @@ def main() -> None:
         "matmuls, which 2 cores turn into little extra throughput.)",
     ])
     write_section("bench_sweep", md)
+    print(md)
+    md = optimizer_section(x, y)
+    write_section("bench_sweep_optimizers", md)
     print(md)
 
 

@@ -186,3 +186,29 @@ def test_group_of_eight_never_hangs(name):
     for _ in range(19):
         np.testing.assert_array_equal(np.asarray(run_group(lrs)), first)
     assert np.all(np.isfinite(first))
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_failed_decompositions_in_a_group_keep_previous(name, monkeypatch):
+    """Every `eigh` of the group fails (NaN): roots and bases stay the identity they
+    started from and no member's parameters become NaN."""
+    monkeypatch.setattr(blocks, "_eigh", lambda x: (jnp.full(x.shape[:-1], jnp.nan),
+                                                    jnp.full(x.shape, jnp.nan)))
+    params, grad = problem()
+
+    def member(lr):
+        o = MAKERS[name](lr, 0.9, 0.99, 1e-6)
+
+        def body(carry, t):
+            p, s = carry
+            u, s = o.update(grad(p, t.astype(jnp.float32)), s, p, step=t)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(body, (params, o.init(params)), jnp.arange(8))[0]
+
+    p, state = jax.jit(jax.vmap(member))(jnp.asarray(LRS, jnp.float32))
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(p))
+    kept = state[0].roots if name == "shampoo" else state[0].bases
+    for leaf in jax.tree.leaves(kept):
+        np.testing.assert_array_equal(leaf, np.broadcast_to(np.eye(leaf.shape[-1]),
+                                                            leaf.shape))
