@@ -5,19 +5,37 @@
 groups of one. Also the sweep's achieved FLOP/s against a measured float32 matmul peak
 (FLOPs counted as 6 × batch × weights per member-step: forward, and backward to inputs
 and weights).
+
+Second part (its own section; `python -m benchmarks.bench_sweep --optimizers` runs only
+it): per optimizer (Adam, Shampoo, SOAP; K-FAC's row is left to its owner), one group of
+8 members (8 learning rates, `jax.vmap` in a plain jitted `lax.scan`, the step count
+passed unbatched as `step=`) against one member alone, same steps; Shampoo and SOAP also
+as a group without `step=` (their refresh condition then batched into a `select`).
+OPENBLAS_NUM_THREADS defaults to 1 (see `bench_second_order`).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from benchmarks._results import machine, median_time, write_section
-from experiments.data import mnist1d
-from experiments.train import build_model, make_group_program
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 
+from benchmarks._results import machine, median_time, write_section  # noqa: E402
+from experiments.data import mnist1d  # noqa: E402
+from experiments.train import build_model, make_group_program  # noqa: E402
+from transforms.shampoo import shampoo  # noqa: E402
+from transforms.soap import soap  # noqa: E402
+
+OPT_STEPS, OPT_BATCH, OPT_MEMBERS, OPT_ROUNDS = 200, 128, 8, 3
+OPT_SIZES = (40, 100, 100, 10)
+OPTIMIZERS = {"adam": optax.adam, "shampoo": shampoo, "soap": soap}
 STEPS, BATCHES, HIDDEN = 600, (16, 128), [100, 100]
 
 

@@ -116,10 +116,14 @@ def zero_blocks(plan: BlockPlan, dtype) -> tuple[jax.Array, ...]:
 def _one_matrix_at_a_time(fn):
     """`fn` on one matrix, whose batched form (under `vmap`) is a sequential `lax.map`.
 
-    jaxlib's CPU `eigh` and `qr` call LAPACK (scipy's OpenBLAS). On a 2-core machine,
-    batched and concurrent calls inside vmapped sweeps hung (every thread in a futex
-    wait) and ran 10-70x slower than single calls, OpenBLAS's own threads competing
-    with XLA's. Looping keeps every LAPACK call to one matrix, whatever vmaps surround it.
+    Why: jaxlib's CPU kernels for a batch of matrices (`lapack_ssyevd_ffi` and friends)
+    split the batch over XLA's intra-op thread pool (`ParallelBatchMap`) and block the
+    calling pool thread until the pieces finish. Two such calls running at once on a
+    2-thread pool each hold one thread and wait for work nobody is left to run: the
+    vmapped Shampoo/SOAP groups hung so (gdb: both pool threads in
+    `ParallelBatchMap` → `BlockingCounter::Wait`, every other thread idle in a futex
+    wait). A single matrix runs inline in the calling thread, so looping over the batch
+    here, whatever vmaps surround it, removes the cause.
     """
     single = jax.custom_batching.custom_vmap(fn)
 
@@ -238,6 +242,12 @@ def is_traced(value) -> bool:
     """True for arrays and tracers: hyper-parameters that are checked where they are
     made, not by the builder (they may be swept under `vmap`)."""
     return isinstance(value, (jax.Array, jax.core.Tracer))
+
+
+def checked(check_fn, value, name, *args):
+    """`check_fn(value, name, *args)` for a static value; arrays and tracers (swept
+    hyper-parameters, whose values are not known here) pass unchecked."""
+    return value if is_traced(value) else check_fn(value, name, *args)
 
 
 def descent(scaling: optax.GradientTransformation, learning_rate, weight_decay

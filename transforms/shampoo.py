@@ -38,11 +38,6 @@ class ShampooState(NamedTuple):
     roots: tuple
 
 
-def _checked(check_fn, value, name, *args):
-    # Arrays and tracers are swept hyper-parameters: their values are not known here.
-    return value if blocks.is_traced(value) else check_fn(value, name, *args)
-
-
 def _moment_weights(decay_rate):
     """(old weight, new weight) of an EMA; decay 1 means plain sums."""
     return decay_rate, jnp.where(decay_rate == 1.0, 1.0, 1.0 - decay_rate)
@@ -199,10 +194,10 @@ def scale_by_shampoo(
       >>> params = optax.apply_updates(params, updates)
     """
     hp = dict(
-        b1=_checked(check.decay, b1, "b1"),
-        b2=_checked(check.decay, b2, "b2", True),
-        eps=_checked(check.positive, eps, "eps"),
-        graft_eps=_checked(check.non_negative, graft_eps, "graft_eps"),
+        b1=blocks.checked(check.decay, b1, "b1"),
+        b2=blocks.checked(check.decay, b2, "b2", True),
+        eps=blocks.checked(check.positive, eps, "eps"),
+        graft_eps=blocks.checked(check.non_negative, graft_eps, "graft_eps"),
         block_size=blocks.check_block_size(block_size),
         precondition_every=check.positive_int(precondition_every, "precondition_every"),
         stats_every=check.positive_int(stats_every, "stats_every"),
@@ -251,6 +246,6 @@ def shampoo(
       >>> updates, state = opt.update(grads, state)
       >>> params = optax.apply_updates(params, updates)
     """
-    weight_decay = _checked(check.non_negative, weight_decay, "weight_decay")
+    weight_decay = blocks.checked(check.non_negative, weight_decay, "weight_decay")
     return blocks.descent(scale_by_shampoo(b1, b2, eps, **kwargs), learning_rate,
                           weight_decay)

@@ -35,11 +35,6 @@ class SoapState(NamedTuple):
     bases: tuple
 
 
-def _checked(check_fn, value, name, *args):
-    # Arrays and tracers are swept hyper-parameters: their values are not known here.
-    return value if blocks.is_traced(value) else check_fn(value, name, *args)
-
-
 def _rotate(xb, bases, transpose):
     for i, q in enumerate(bases):
         xb = blocks.mode_product(xb, jnp.swapaxes(q, -1, -2) if transpose else q, i)
@@ -182,11 +177,11 @@ def scale_by_soap(
       >>> state = opt.init(params)
       >>> updates, state = opt.update(grads, state, params)
     """
-    b2 = _checked(check.decay, b2, "b2")
+    b2 = blocks.checked(check.decay, b2, "b2")
     hp = dict(
-        b1=_checked(check.decay, b1, "b1"), b2=b2,
-        eps=_checked(check.non_negative, eps, "eps"),
-        shampoo_b2=b2 if shampoo_b2 is None else _checked(check.decay, shampoo_b2,
+        b1=blocks.checked(check.decay, b1, "b1"), b2=b2,
+        eps=blocks.checked(check.non_negative, eps, "eps"),
+        shampoo_b2=b2 if shampoo_b2 is None else blocks.checked(check.decay, shampoo_b2,
                                                           "shampoo_b2"),
         block_size=blocks.check_block_size(block_size),
         precondition_every=check.positive_int(precondition_every, "precondition_every"),
@@ -244,6 +239,6 @@ def soap(
       >>> updates, state = opt.update(grads, state)
       >>> params = optax.apply_updates(params, updates)
     """
-    weight_decay = _checked(check.non_negative, weight_decay, "weight_decay")
+    weight_decay = blocks.checked(check.non_negative, weight_decay, "weight_decay")
     return blocks.descent(scale_by_soap(b1, b2, eps, **kwargs), learning_rate,
                           weight_decay)
