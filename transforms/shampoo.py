@@ -107,7 +107,11 @@ def _shampoo_update(hp, updates, state, step):
             old_w * si + new_w * blocks.mode_statistic(blocks.to_blocks(g, pl), i)
             for i, si in enumerate(st)) for pl, g, st in zip(plans, leaves_g, stats))
 
-    stats = jax.lax.cond(t % hp["stats_every"] == 0, accumulate, lambda s: s, state.stats)
+    if hp["stats_every"] == 1:   # no cond: its pass-through branch copies every statistic
+        stats = accumulate(state.stats)
+    else:
+        stats = jax.lax.cond(t % hp["stats_every"] == 0, accumulate, lambda s: s,
+                             state.stats)
     dtype = jnp.result_type(*leaves_g) if leaves_g else jnp.float32
     corr = _bias_correction(hp["b2"], t // hp["stats_every"] + 1, dtype)
     roots = jax.lax.cond(

@@ -97,13 +97,16 @@ def _soap_update(hp, updates, state, step):
         sb2 * s + (1 - sb2) * blocks.mode_statistic(blocks.to_blocks(g, pl), i)
         for i, s in enumerate(st)) for pl, g, st in zip(plans, leaves_g, state.stats))
 
-    def refreshed(st, qs, nus):
-        if hp["basis"] == "eigh":
-            return _eigh_bases(st, qs, nus)
-        return jax.lax.cond(t == hp["start"], _eigh_bases, _power_bases, st, qs, nus)
-
-    bases, nus = jax.lax.cond(refresh, refreshed, lambda s, q, v: (q, v),
-                              stats, state.bases, state.nu)
+    if hp["basis"] == "eigh":   # v stays out of the cond, which would copy it
+        bases = jax.lax.cond(refresh, lambda s, q: _eigh_bases(s, q, ())[0],
+                             lambda s, q: q, stats, state.bases)
+        nus = state.nu
+    else:
+        bases, nus = jax.lax.cond(
+            refresh,
+            lambda s, q, v: jax.lax.cond(t == hp["start"], _eigh_bases, _power_bases,
+                                         s, q, v),
+            lambda s, q, v: (q, v), stats, state.bases, state.nu)
     out, new_nus = [], []
     for pl, g, m, v, qs in zip(plans, leaves_g, treedef.flatten_up_to(mu_hat), nus, bases):
         u, v = _adam_in_basis(pl, g, m, v, qs, hp["b2"], hp["eps"], c2)
