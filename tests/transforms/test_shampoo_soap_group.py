@@ -82,7 +82,7 @@ def test_group_members_equal_members_alone(name):
     """Sweeping lr, b1, b2 and eps vmaps; each member equals its standalone run."""
     steps = 13
     together = group_run(MAKERS[name], steps)
-    for i in (0, 3, MEMBERS - 1):   # each standalone run is its own compilation
+    for i in (0, MEMBERS - 1):   # each standalone run is its own compilation
         hyper = (float(LRS[i]), float(B1S[i]), float(B2S[i]), float(EPS[i]))
         alone = jax.jit(lambda: run(MAKERS[name], hyper, steps, False))()
         for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
