@@ -57,7 +57,7 @@ def problem(dtype=jnp.float32):
     return params, grad
 
 
-def run(make, hyper, steps, group):
+def run(make, hyper, steps, group, state=None):
     """Parameters after `steps` steps; with `group`, the step count is passed as `step`."""
     params, grad = problem()
     opt = make(*hyper)
@@ -68,13 +68,17 @@ def run(make, hyper, steps, group):
         u, s = opt.update(grad(p, t.astype(jnp.float32)), s, p, **extra)
         return (optax.apply_updates(p, u), s), None
 
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), jnp.arange(steps))
+    state = opt.init(params) if state is None else state
+    (p, _), _ = jax.lax.scan(body, (params, state), jnp.arange(steps))
     return p
 
 
 def group_run(make, steps):
+    """The group as the runner holds it: states made per member (their counters batched,
+    so only `step=` keeps the refresh a branch)."""
     hyper = [jnp.asarray(h, jnp.float32) for h in (LRS, B1S, B2S, EPS)]
-    return jax.jit(jax.vmap(lambda *h: run(make, h, steps, True)))(*hyper)
+    states = jax.vmap(lambda *h: make(*h).init(problem()[0]))(*hyper)
+    return jax.jit(jax.vmap(lambda s, *h: run(make, h, steps, True, s)))(states, *hyper)
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
