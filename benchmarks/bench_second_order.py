@@ -9,22 +9,30 @@
    compiled program per optimizer), loss on the whole training set every 10 steps.
 
 Run: `python -m benchmarks.bench_second_order` (a few minutes on 2 CPU cores).
+
+OPENBLAS_NUM_THREADS defaults to 1 here (set before jax is imported): jaxlib's CPU
+`eigh` and `qr` call scipy's OpenBLAS, whose own threads competed with XLA's for the two
+cores and made each decomposition 10-70x slower (a 256 × 256 `eigh` 13 ms on one
+thread, 220-330 ms with OpenBLAS's default threads while other jobs ran).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from benchmarks._results import machine, median_time, write_section
-from transforms.kfac import find_dense_layers, kfac, kfac_statistics
-from transforms.shampoo import shampoo
-from transforms.soap import soap
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks._results import machine, write_section  # noqa: E402
+from transforms.kfac import find_dense_layers, kfac, kfac_statistics  # noqa: E402
+from transforms.shampoo import shampoo  # noqa: E402
+from transforms.soap import soap  # noqa: E402
 
 PERIOD = 10
 BATCH = 512
@@ -82,21 +90,32 @@ def make_step(opt, uses_stats):
     return step
 
 
-def time_per_step(sizes):
+def time_per_step(sizes, rounds=5):
+    """Seconds per step of each optimizer: medians over `rounds` interleaved rounds
+    (one compiled refresh period per optimizer per round), so that load from other jobs
+    hits every optimizer alike."""
     key = jax.random.key(0)
     params = init_mlp(key, sizes)
     x = jax.random.normal(key, (PERIOD, BATCH, sizes[0]), jnp.float32)
     y = jax.random.randint(key, (PERIOD, BATCH), 0, sizes[-1])
     layers = find_dense_layers(apply_mlp, params, x[0])
-    out = {}
+    runs = {}
     for name, (make, uses_stats, lrs) in optimizers(layers, shampoo_start=0).items():
         opt = make(lrs[1])   # the middle of the grid
         step = make_step(opt, uses_stats)
-        run = jax.jit(lambda c: jax.lax.scan(step, c, (x, y))[0])
+        run = jax.jit(lambda c, step=step: jax.lax.scan(step, c, (x, y))[0])
         carry = (params, opt.init(params), key)
-        out[name] = median_time(lambda: jax.block_until_ready(run(carry)), repeats=3) / PERIOD
-        print(f"  {'-'.join(map(str, sizes))} {name}: {1e3 * out[name]:.2f} ms/step",
-              flush=True)
+        jax.block_until_ready(run(carry))
+        runs[name] = (run, carry)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (run, carry) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(carry))
+            times[name].append((time.perf_counter() - t0) / PERIOD)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in out.items():
+        print(f"  {'-'.join(map(str, sizes))} {name}: {1e3 * t:.2f} ms/step", flush=True)
     return out
 
 
@@ -158,7 +177,8 @@ def main() -> None:
     lines = [
         "## Second-order optimizers: Shampoo, SOAP, K-FAC (`bench_second_order`)",
         "",
-        f"Machine: {machine()}. float32, jitted; medians of 3 runs; load average "
+        f"Machine: {machine()}. float32, jitted; medians of 5 interleaved rounds; "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}; load average "
         f"{os.getloadavg()[0]:.1f} when written (other jobs share the cores).",
         "",
         f"Time per training step (gradient + statistics + update), batch {BATCH}, "

@@ -5,19 +5,37 @@
 groups of one. Also the sweep's achieved FLOP/s against a measured float32 matmul peak
 (FLOPs counted as 6 × batch × weights per member-step: forward, and backward to inputs
 and weights).
+
+Second part (its own section; `python -m benchmarks.bench_sweep --optimizers` runs only
+it): per optimizer (Adam, Shampoo, SOAP; K-FAC's row is left to its owner), one group of
+8 members (8 learning rates, `jax.vmap` in a plain jitted `lax.scan`, the step count
+passed unbatched as `step=`) against one member alone, same steps; Shampoo and SOAP also
+as a group without `step=` (their refresh condition then batched into a `select`).
+OPENBLAS_NUM_THREADS defaults to 1 (see `bench_second_order`).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from benchmarks._results import machine, median_time, write_section
-from experiments.data import mnist1d
-from experiments.train import build_model, make_group_program
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 
+from benchmarks._results import machine, median_time, write_section  # noqa: E402
+from experiments.data import mnist1d  # noqa: E402
+from experiments.train import build_model, make_group_program  # noqa: E402
+from transforms.shampoo import shampoo  # noqa: E402
+from transforms.soap import soap  # noqa: E402
+
+OPT_STEPS, OPT_BATCH, OPT_MEMBERS, OPT_ROUNDS = 200, 128, 8, 3
+OPT_SIZES = (40, 100, 100, 10)
+OPTIMIZERS = {"adam": optax.adam, "shampoo": shampoo, "soap": soap}
 STEPS, BATCHES, HIDDEN = 600, (16, 128), [100, 100]
 
 
@@ -50,8 +68,102 @@ def _compare(batch: int, x, y, model) -> tuple[float, float, float]:
     return median_time(vmapped, repeats=3), median_time(sequential, repeats=3), compile_s
 
 
+def _member_run(make, x, y, with_step):
+    """`run(lr) -> final loss` of one member: OPT_STEPS steps in one `lax.scan`."""
+    key = jax.random.key(0)
+    params = []
+    for i, (a, b) in enumerate(zip(OPT_SIZES[:-1], OPT_SIZES[1:])):
+        w = jax.random.normal(jax.random.fold_in(key, i), (a, b), jnp.float32)
+        params.append({"w": w * (2.0 / a) ** 0.5, "b": jnp.zeros(b, jnp.float32)})
+
+    def loss(p, xb, yb):
+        h = xb
+        for layer in p[:-1]:
+            h = jax.nn.relu(h @ layer["w"] + layer["b"])
+        logits = h @ p[-1]["w"] + p[-1]["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def run(lr, state):
+        opt = make(lr)
+
+        def step(carry, t):
+            p, s = carry
+            idx = (t * OPT_BATCH + jnp.arange(OPT_BATCH)) % x.shape[0]
+            g = jax.grad(loss)(p, x[idx], y[idx])
+            u, s = opt.update(g, s, p, **({"step": t} if with_step else {}))
+            return (optax.apply_updates(p, u), s), None
+
+        (p, _), _ = jax.lax.scan(step, (params, state), jnp.arange(OPT_STEPS))
+        return loss(p, x, y)
+
+    def init(lr):
+        return make(lr).init(params)
+    return run, init
+
+
+def optimizer_groups(x, y) -> dict:
+    """name -> {way: median seconds}; ways 'one', 'group' and (second-order) 'select'."""
+    lrs = jnp.geomspace(1e-4, 3e-2, OPT_MEMBERS).astype(jnp.float32)
+    runs = {}
+    for name, make in OPTIMIZERS.items():
+        # a transform that takes no `step` (Adam) gets it through optax's extra arguments
+        make_x = (lambda lr, make=make: optax.with_extra_args_support(make(lr))) \
+            if name == "adam" else make
+        run, init = _member_run(make_x, x, y, True)
+        # per-member states, as the runner holds them: their counters are batched, so
+        # without `step=` the refresh condition is batched too
+        ways = {"one": (jax.jit(run), (lrs[0], init(lrs[0]))),
+                "group": (jax.jit(jax.vmap(run)), (lrs, jax.vmap(init)(lrs)))}
+        if name != "adam":
+            run_sel, _ = _member_run(make, x, y, False)
+            ways["select"] = (jax.jit(jax.vmap(run_sel)), (lrs, jax.vmap(init)(lrs)))
+        for way, (fn, args) in ways.items():
+            jax.block_until_ready(fn(*args))
+            runs[name, way] = (fn, args)
+    times = {k: [] for k in runs}
+    for _ in range(OPT_ROUNDS):
+        for k, (fn, args) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[k].append(time.perf_counter() - t0)
+    out = {}
+    for (name, way), t in times.items():
+        out.setdefault(name, {})[way] = statistics.median(t)
+        print(f"  {name} {way}: {out[name][way]:.3f} s", flush=True)
+    return out
+
+
+def optimizer_section(x, y) -> str:
+    t = optimizer_groups(x, y)
+    adam_ratio = t["adam"]["group"] / t["adam"]["one"]
+    rows = ["| optimizer | 1 member (s) | group of 8, `step=` (s) | 8 / 1 | ÷ Adam's 8 / 1 "
+            "| group of 8 without `step=` (s) |", "|---|---|---|---|---|---|"]
+    for name in ("adam", "shampoo", "soap"):
+        r = t[name]
+        ratio = r["group"] / r["one"]
+        sel = f"{r['select']:.2f}" if "select" in r else "—"
+        rows.append(f"| {name} | {r['one']:.2f} | {r['group']:.2f} | {ratio:.1f}× | "
+                    f"{ratio / adam_ratio:.2f} | {sel} |")
+    rows.append("| kfac | (its owner's row) | | | | |")
+    return "\n".join([
+        "## Second-order optimizers in vmapped groups (`bench_sweep --optimizers`)", "",
+        f"Machine: {machine()}; OPENBLAS_NUM_THREADS="
+        f"{os.environ.get('OPENBLAS_NUM_THREADS')}; load average "
+        f"{os.getloadavg()[0]:.1f} when written (other jobs share the cores).", "",
+        f"MNIST-1D MLP {'-'.join(map(str, OPT_SIZES))}, batch {OPT_BATCH}, {OPT_STEPS} "
+        f"steps, default settings (refresh every 10 steps), {OPT_MEMBERS} learning rates; "
+        f"medians of {OPT_ROUNDS} interleaved rounds, compilation not timed. Goal: each "
+        "second-order optimizer's 8 / 1 within 1.5× of Adam's.", "",
+        *rows])
+
+
 def main() -> None:
     data = mnist1d()
+    if "--optimizers" in sys.argv[1:]:
+        md = optimizer_section(jnp.asarray(data.x_train), jnp.asarray(data.y_train))
+        write_section("bench_sweep_optimizers", md)
+        print(md)
+        return
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     model = build_model({"name": "mlp", "hidden": HIDDEN, "activation": "relu"}, 40, 10)
     weights = 40 * HIDDEN[0] + HIDDEN[0] * HIDDEN[1] + HIDDEN[1] * 10
@@ -83,6 +195,9 @@ def main() -> None:
         "matmuls, which 2 cores turn into little extra throughput.)",
     ])
     write_section("bench_sweep", md)
+    print(md)
+    md = optimizer_section(x, y)
+    write_section("bench_sweep_optimizers", md)
     print(md)
 
 

@@ -5,8 +5,8 @@ dropped; for rank > 2, adjacent dimensions merged while their product stays with
 `block_size`), and each dimension larger than `block_size` is cut into the fewest
 equal blocks of at most `block_size` (zero-padded at the end). All blocks of one
 parameter share a shape, so a parameter's blocks are one array `(num_blocks, b_1, ...,
-b_k)` and their statistics `(num_blocks, b_i, b_i)` are decomposed in one batched
-`eigh`. Zero padding adds zero rows and columns to the statistics, which the damping
+b_k)` and their statistics `(num_blocks, b_i, b_i)`, decomposed one matrix at a time
+(see `_one_matrix_at_a_time`). Zero padding adds zero rows and columns to the statistics, which the damping
 keeps invertible and which multiply zero entries of the gradient.
 """
 
@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 class BlockPlan(NamedTuple):
@@ -90,17 +91,17 @@ def from_blocks(xb: jax.Array, plan: BlockPlan) -> jax.Array:
 
 def mode_statistic(xb: jax.Array, i: int) -> jax.Array:
     """`X_(i) X_(i)ᵀ` per block: the mode-i Gram matrix, `(total_blocks, b_i, b_i)`."""
-    u = jnp.moveaxis(xb, 1 + i, 1)
-    u = u.reshape(u.shape[0], u.shape[1], -1)
-    return u @ jnp.swapaxes(u, -1, -2)
+    # one dot_general contracting every other axis: no transposed copy of the gradient
+    others = tuple(d for d in range(1, xb.ndim) if d != 1 + i)
+    return jax.lax.dot_general(xb, xb, ((others, others), ((0,), (0,))))
 
 
 def mode_product(xb: jax.Array, m: jax.Array, i: int) -> jax.Array:
     """`X ×_i M` per block: `out[.., a, ..] = Σ_j M[a, j] X[.., j, ..]` along dimension i."""
-    y = jnp.moveaxis(xb, 1 + i, -1)
-    shape = y.shape
-    y = y.reshape(shape[0], -1, shape[-1]) @ jnp.swapaxes(m, -1, -2)
-    return jnp.moveaxis(y.reshape(shape), -1, 1 + i)
+    if i == xb.ndim - 2:   # the last axis: X Mᵀ lands in place
+        return jax.lax.dot_general(xb, m, (((xb.ndim - 1,), (2,)), ((0,), (0,))))
+    y = jax.lax.dot_general(m, xb, (((2,), (1 + i,)), ((0,), (0,))))
+    return jnp.moveaxis(y, 1, 1 + i)
 
 
 def identity_blocks(plan: BlockPlan, dtype) -> tuple[jax.Array, ...]:
@@ -112,9 +113,72 @@ def zero_blocks(plan: BlockPlan, dtype) -> tuple[jax.Array, ...]:
     return tuple(jnp.zeros((plan.total_blocks, b, b), dtype) for b in plan.block)
 
 
+def _one_matrix_at_a_time(fn):
+    """`fn` on one matrix, whose batched form (under `vmap`) is a sequential `lax.map`.
+
+    Why: jaxlib's CPU kernels for a batch of matrices (`lapack_ssyevd_ffi` and friends)
+    split the batch over XLA's intra-op thread pool (`ParallelBatchMap`) and block the
+    calling pool thread until the pieces finish. Two such calls running at once on a
+    2-thread pool each hold one thread and wait for work nobody is left to run: the
+    vmapped Shampoo/SOAP groups hung so (gdb: both pool threads in
+    `ParallelBatchMap` → `BlockingCounter::Wait`, every other thread idle in a futex
+    wait). A single matrix runs inline in the calling thread, so looping over the batch
+    here, whatever vmaps surround it, removes the cause.
+    """
+    single = jax.custom_batching.custom_vmap(fn)
+
+    @single.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        if not any(jax.tree.leaves(in_batched)):
+            out = single(*args)
+            return out, jax.tree.map(lambda _: False, out)
+        args = [a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
+                for a, b in zip(args, in_batched)]
+        out = jax.lax.map(lambda a: single(*a), args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return single
+
+
+@_one_matrix_at_a_time
+def _eigh_one(x):
+    v, w = jax.lax.linalg.eigh(x, symmetrize_input=False)
+    return w, v
+
+
+@_one_matrix_at_a_time
+def _qr_one(x):
+    return jnp.linalg.qr(x)[0]
+
+
+def _over_leading(fn, x):
+    """`fn` of one matrix mapped over all leading dimensions of `x`, one at a time."""
+    if x.ndim == 2:
+        return fn(x)
+    flat = x.reshape((-1,) + x.shape[-2:])
+    out = jax.lax.map(fn, flat)
+    return jax.tree.map(lambda o: o.reshape(x.shape[:-2] + o.shape[1:]), out)
+
+
 def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # One seam for the decomposition, so tests can make it fail on purpose.
-    return jnp.linalg.eigh(x)
+    """`(w, v)` of symmetric matrices `(..., b, b)`, one LAPACK call per matrix.
+
+    One seam for the decomposition (K-FAC uses it too), so tests can make it fail."""
+    return _over_leading(_eigh_one, x)
+
+
+def _qr(x: jax.Array) -> jax.Array:
+    """Q of the QR decomposition of `(..., b, b)`, one LAPACK call per matrix."""
+    return _over_leading(_qr_one, x)
+
+
+def after(x, token):
+    """`x`, available only once `token` is computed: orders LAPACK calls one after
+    another, so that no two are ever in flight at once (XLA would otherwise run
+    independent decompositions concurrently)."""
+    if token is None:
+        return x
+    return jax.lax.optimization_barrier((x, token))[0]
 
 
 def _finite_per_block(x: jax.Array) -> jax.Array:
@@ -157,11 +221,43 @@ def qr_power_step(stat: jax.Array, previous: jax.Array) -> tuple[jax.Array, jax.
     est = jnp.einsum("nji,njk,nki->ni", previous, stat, previous)
     order = jnp.argsort(-est, axis=-1)
     q = jnp.take_along_axis(previous, order[:, None, :], axis=-1)
-    q, _ = jnp.linalg.qr(stat @ q)
+    q = _qr(stat @ q)
     ok = _finite_per_block(q)
     q = jnp.where(ok[:, None, None], q, previous)
     order = jnp.where(ok[:, None], order, jnp.arange(order.shape[-1])[None, :])
     return q, order
+
+
+def schedule(count: jax.Array, step, start: int, every: int) -> tuple[jax.Array, jax.Array]:
+    """`(t, refresh)`: the step number and whether this step refreshes.
+
+    `t` is `step` when the caller supplies it (the global step count, shared by every
+    member of a vmapped group, so `refresh` stays unbatched and its `lax.cond` a real
+    branch) and the state's own `count` otherwise."""
+    t = count if step is None else jnp.asarray(step).astype(count.dtype)
+    return t, (t >= start) & ((t - start) % every == 0)
+
+
+def is_traced(value) -> bool:
+    """True for arrays and tracers: hyper-parameters that are checked where they are
+    made, not by the builder (they may be swept under `vmap`)."""
+    return isinstance(value, (jax.Array, jax.core.Tracer))
+
+
+def checked(check_fn, value, name, *args):
+    """`check_fn(value, name, *args)` for a static value; arrays and tracers (swept
+    hyper-parameters, whose values are not known here) pass unchecked."""
+    return value if is_traced(value) else check_fn(value, name, *args)
+
+
+def descent(scaling: optax.GradientTransformation, learning_rate, weight_decay
+            ) -> optax.GradientTransformation:
+    """`scaling`, then decoupled weight decay (as `optax.adamw`; left out when it is a
+    literal 0, so `update` needs no `params`), then the step −learning_rate."""
+    parts = [scaling]
+    if is_traced(weight_decay) or weight_decay != 0:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
 
 
 def check_block_size(block_size) -> int:

@@ -38,15 +38,92 @@ class ShampooState(NamedTuple):
     roots: tuple
 
 
-def _moment_weights(decay_rate: float):
+def _moment_weights(decay_rate):
     """(old weight, new weight) of an EMA; decay 1 means plain sums."""
-    return (1.0, 1.0) if decay_rate == 1.0 else (decay_rate, 1.0 - decay_rate)
+    return decay_rate, jnp.where(decay_rate == 1.0, 1.0, 1.0 - decay_rate)
 
 
-def _bias_correction(decay_rate: float, t: jax.Array) -> jax.Array:
-    if decay_rate == 1.0:
-        return jnp.ones_like(t)
-    return 1.0 - decay_rate ** t
+def _bias_correction(decay_rate, n: jax.Array, dtype) -> jax.Array:
+    """1 − decay^n in `dtype`, 1 for plain sums. (n is cast first: computed in float32
+    under x64, the step was off by √((1 − float32(b2)) / (1 − b2)).)"""
+    n = n.astype(dtype)
+    return jnp.where(decay_rate == 1.0, jnp.ones_like(n), 1.0 - decay_rate ** n)
+
+
+def _graft_direction(graft, updates, mu_hat, nu, b2, graft_eps, t_inc):
+    """(graft direction, new nu): Adam's m̂/(√v̂ + ε) (AdaGrad's when b2 = 1) or m̂."""
+    if graft != "adam":
+        return mu_hat, nu
+    old_w, new_w = _moment_weights(b2)
+    nu = jax.tree.map(lambda v, g: old_w * v + new_w * (g * jnp.conj(g)).real, nu, updates)
+    return jax.tree.map(
+        lambda m, v: m / (jnp.sqrt(v / _bias_correction(b2, t_inc, v.dtype)) + graft_eps),
+        mu_hat, nu), nu
+
+
+def _refresh_roots(plans, stats, roots, corr, eps, exponent):
+    """New inverse roots of every preconditioned leaf, the decompositions in sequence."""
+    new, token = [], None
+    for pl, st, rt in zip(plans, stats, roots):
+        if not pl.preconditioned:
+            new.append(())
+            continue
+        p = exponent if exponent is not None else 2.0 * pl.rank
+        out = []
+        for si, ri in zip(st, rt):
+            si = blocks.after(si / corr.astype(si.dtype), token)
+            out.append(blocks.inverse_root(si, p, eps, ri))
+            token = out[-1]
+        new.append(tuple(out))
+    return tuple(new)
+
+
+def _precondition(pl, m, roots, graft_dir, graft, active):
+    db = blocks.to_blocks(m, pl)
+    for i, ri in enumerate(roots):
+        db = blocks.mode_product(db, ri, i)
+    d = blocks.from_blocks(db, pl)
+    if graft != "none":
+        dn, gn = jnp.linalg.norm(d), jnp.linalg.norm(graft_dir)
+        d = d * jnp.where(dn > 0, gn / jnp.where(dn > 0, dn, 1.0), 0.0)
+    return jnp.where(active & jnp.all(jnp.isfinite(d)), d, graft_dir)
+
+
+def _shampoo_update(hp, updates, state, step):
+    """One Shampoo step; `hp` holds the builder's checked settings."""
+    t, refresh = blocks.schedule(state.count, step, hp["start"], hp["precondition_every"])
+    t_inc = t + 1
+    mu = optax.tree.update_moment(updates, state.mu, hp["b1"], 1)
+    mu_hat = jax.tree.map(lambda m: m / _bias_correction(hp["b1"], t_inc, m.dtype), mu)
+    graft_dir, nu = _graft_direction(hp["graft"], updates, mu_hat, state.nu, hp["b2"],
+                                     hp["graft_eps"], t_inc)
+
+    leaves_g, treedef = jax.tree.flatten(updates)
+    plans = [blocks.make_plan(jnp.shape(g), hp["block_size"]) for g in leaves_g]
+    old_w, new_w = _moment_weights(hp["b2"])
+
+    def accumulate(stats):
+        return tuple(() if not pl.preconditioned else tuple(
+            old_w * si + new_w * blocks.mode_statistic(blocks.to_blocks(g, pl), i)
+            for i, si in enumerate(st)) for pl, g, st in zip(plans, leaves_g, stats))
+
+    if hp["stats_every"] == 1:   # no cond: its pass-through branch copies every statistic
+        stats = accumulate(state.stats)
+    else:
+        stats = jax.lax.cond(t % hp["stats_every"] == 0, accumulate, lambda s: s,
+                             state.stats)
+    dtype = jnp.result_type(*leaves_g) if leaves_g else jnp.float32
+    corr = _bias_correction(hp["b2"], t // hp["stats_every"] + 1, dtype)
+    roots = jax.lax.cond(
+        refresh,
+        lambda s, r: _refresh_roots(plans, s, r, corr, hp["eps"], hp["exponent"]),
+        lambda s, r: r, stats, state.roots)
+    out = [gr if not pl.preconditioned else
+           _precondition(pl, m, rt, gr, hp["graft"], t >= hp["start"])
+           for pl, m, gr, rt in zip(plans, treedef.flatten_up_to(mu_hat),
+                                    treedef.flatten_up_to(graft_dir), roots)]
+    new_state = ShampooState(optax.safe_increment(state.count), mu, nu, stats, roots)
+    return treedef.unflatten(out), new_state
 
 
 def scale_by_shampoo(
@@ -90,6 +167,18 @@ def scale_by_shampoo(
     compute per step O(mn·b) for the statistics and the preconditioned direction, plus
     O((m + n)·b²) for the `eigh` calls every `precondition_every` steps.
 
+    In a vmapped group (a sweep), pass the global step count as `update(..., step=t)`
+    with `t` unbatched (`in_axes=None`, or through `transforms.train_step`'s extra
+    arguments): the refresh condition is then computed from `t` rather than from each
+    member's own counter, so its `lax.cond` stays a branch and the decompositions run once
+    per period for the whole group instead of at every step. `t` must equal the number of
+    updates taken before this one (what `state.count` holds). Without `step`, the state's
+    counter decides, as in any optax transform. Decompositions run one matrix at a time
+    and one after another (batched LAPACK calls deadlocked XLA's CPU thread pool).
+
+    `b1`, `b2`, `eps` and `graft_eps` may be arrays (e.g. traced inside a `vmap` over a
+    hyper-parameter grid); they are then not checked here.
+
     Args:
       b1: momentum decay in [0, 1).
       b2: decay of the statistics and of the Adam graft's second moment, in [0, 1].
@@ -108,100 +197,35 @@ def scale_by_shampoo(
       >>> updates, state = opt.update(grads, state, params)
       >>> params = optax.apply_updates(params, updates)
     """
-    b1 = check.decay(b1, "b1")
-    b2 = check.decay(b2, "b2", allow_one=True)
-    eps = check.positive(eps, "eps")
-    block_size = blocks.check_block_size(block_size)
-    precondition_every = check.positive_int(precondition_every, "precondition_every")
-    stats_every = check.positive_int(stats_every, "stats_every")
-    start = check.non_negative_int(start_preconditioning_step, "start_preconditioning_step")
-    graft = check.choice(graft, "graft", _GRAFTS)
-    graft_eps = check.non_negative(graft_eps, "graft_eps")
-    if exponent is not None:
-        exponent = check.positive(exponent, "exponent")
-    old_w, new_w = _moment_weights(b2)
-
-    def plans(params):
-        return [blocks.make_plan(jnp.shape(p), block_size) for p in jax.tree.leaves(params)]
+    hp = dict(
+        b1=blocks.checked(check.decay, b1, "b1"),
+        b2=blocks.checked(check.decay, b2, "b2", True),
+        eps=blocks.checked(check.positive, eps, "eps"),
+        graft_eps=blocks.checked(check.non_negative, graft_eps, "graft_eps"),
+        block_size=blocks.check_block_size(block_size),
+        precondition_every=check.positive_int(precondition_every, "precondition_every"),
+        stats_every=check.positive_int(stats_every, "stats_every"),
+        start=check.non_negative_int(start_preconditioning_step,
+                                     "start_preconditioning_step"),
+        graft=check.choice(graft, "graft", _GRAFTS),
+        exponent=None if exponent is None else check.positive(exponent, "exponent"))
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
-        ps = plans(params)
+        ps = [blocks.make_plan(jnp.shape(p), hp["block_size"]) for p in leaves]
         stats = tuple(blocks.zero_blocks(pl, p.dtype) if pl.preconditioned else ()
                       for pl, p in zip(ps, leaves))
         roots = tuple(blocks.identity_blocks(pl, p.dtype) if pl.preconditioned else ()
                       for pl, p in zip(ps, leaves))
-        nu = optax.tree.zeros_like(params) if graft == "adam" else ()
+        nu = optax.tree.zeros_like(params) if hp["graft"] == "adam" else ()
         return ShampooState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params), nu,
                             stats, roots)
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = state.count
-        count_inc = optax.safe_increment(count)
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-        mu_hat = optax.tree.bias_correction(mu, b1, count_inc) if b1 > 0 else mu
-        if graft == "adam":
-            if b2 == 1.0:  # sums: an AdaGrad graft
-                nu = jax.tree.map(lambda v, g: v + g * jnp.conj(g), state.nu, updates)
-                nu_hat = nu
-            else:
-                nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-                nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
-            grafted = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + graft_eps),
-                                   mu_hat, nu_hat)
-        else:
-            nu = state.nu
-            grafted = mu_hat
+    def update_fn(updates, state, params=None, *, step=None, **extra_args):
+        del params, extra_args
+        return _shampoo_update(hp, updates, state, step)
 
-        leaves_g, treedef = jax.tree.flatten(updates)
-        leaves_m = treedef.flatten_up_to(mu_hat)
-        leaves_graft = treedef.flatten_up_to(grafted)
-        ps = [blocks.make_plan(jnp.shape(g), block_size) for g in leaves_g]
-
-        do_stats = count % stats_every == 0
-        n_stats = (count // stats_every + 1).astype(jnp.float32)
-        refresh = (count >= start) & ((count - start) % precondition_every == 0)
-        active = count >= start
-
-        new_stats, new_roots, out = [], [], []
-        for pl, g, m, gr, st, rt in zip(ps, leaves_g, leaves_m, leaves_graft,
-                                        state.stats, state.roots):
-            if not pl.preconditioned:
-                new_stats.append(())
-                new_roots.append(())
-                out.append(gr)
-                continue
-            gb = blocks.to_blocks(g, pl)
-            st = jax.lax.cond(
-                do_stats,
-                lambda s, gb=gb: tuple(old_w * si + new_w * blocks.mode_statistic(gb, i)
-                                       for i, si in enumerate(s)),
-                lambda s: s, st)
-            p = exponent if exponent is not None else 2.0 * pl.rank
-            corr = _bias_correction(b2, n_stats)
-            rt = jax.lax.cond(
-                refresh,
-                lambda s, r, p=p: tuple(
-                    blocks.inverse_root(si / corr.astype(si.dtype), p, eps, ri)
-                    for si, ri in zip(s, r)),
-                lambda s, r: r, st, rt)
-            db = blocks.to_blocks(m, pl)
-            for i, ri in enumerate(rt):
-                db = blocks.mode_product(db, ri, i)
-            d = blocks.from_blocks(db, pl)
-            if graft != "none":
-                dn, gn = jnp.linalg.norm(d), jnp.linalg.norm(gr)
-                d = d * jnp.where(dn > 0, gn / jnp.where(dn > 0, dn, 1.0), 0.0)
-            ok = active & jnp.all(jnp.isfinite(d))
-            new_stats.append(st)
-            new_roots.append(rt)
-            out.append(jnp.where(ok, d, gr))
-        new_state = ShampooState(count_inc, mu, nu, tuple(new_stats),
-                                 tuple(new_roots))
-        return treedef.unflatten(out), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def shampoo(
@@ -209,9 +233,12 @@ def shampoo(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
+    weight_decay: float = 0.0,
     **kwargs,
 ) -> optax.GradientTransformation:
-    """Shampoo with a learning rate: `scale_by_shampoo` followed by a descent step.
+    """Shampoo with a learning rate: `scale_by_shampoo`, decoupled weight decay (added
+    to the scaled update, as in `optax.adamw`; `update` then needs `params`), a descent
+    step.
 
     Keyword arguments (`block_size`, `precondition_every`, `stats_every`,
     `start_preconditioning_step`, `graft`, `graft_eps`, `exponent`) are those of
@@ -223,5 +250,6 @@ def shampoo(
       >>> updates, state = opt.update(grads, state)
       >>> params = optax.apply_updates(params, updates)
     """
-    return optax.chain(scale_by_shampoo(b1, b2, eps, **kwargs),
-                       optax.scale_by_learning_rate(learning_rate))
+    weight_decay = blocks.checked(check.non_negative, weight_decay, "weight_decay")
+    return blocks.descent(scale_by_shampoo(b1, b2, eps, **kwargs), learning_rate,
+                          weight_decay)

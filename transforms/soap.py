@@ -41,6 +41,82 @@ def _rotate(xb, bases, transpose):
     return xb
 
 
+def _eigh_bases(stats, bases, nus):
+    """Eigenbases of every statistic, the decompositions one after another."""
+    new, token = [], None
+    for st, qs in zip(stats, bases):
+        out = []
+        for s, q in zip(st, qs):
+            out.append(blocks.eigenbasis(blocks.after(s, token), q))
+            token = out[-1]
+        new.append(tuple(out))
+    return tuple(new), nus
+
+
+def _power_bases(stats, bases, nus):
+    """One power step + QR per statistic (in sequence), v permuted to follow the
+    re-sorted columns."""
+    new, new_nus, token = [], [], None
+    for st, qs, v in zip(stats, bases, nus):
+        out = []
+        for i, (s, q) in enumerate(zip(st, qs)):
+            q, order = blocks.qr_power_step(blocks.after(s, token), q)
+            v = _permute(v, order, i)
+            out.append(q)
+            token = q
+        new.append(tuple(out))
+        new_nus.append(v)
+    return tuple(new), tuple(new_nus)
+
+
+def _adam_in_basis(pl, g, m, v, qs, b2, eps, c2):
+    """(update, new v) for one leaf: Adam's step in the rotated coordinates."""
+    if not pl.preconditioned:
+        v = (1 - b2) * (g * jnp.conj(g)).real + b2 * v
+        return m / (jnp.sqrt(v / c2.astype(v.dtype)) + eps), v
+    g_rot = _rotate(blocks.to_blocks(g, pl), qs, transpose=True)
+    v = (1 - b2) * (g_rot * g_rot) + b2 * v
+    m_rot = _rotate(blocks.to_blocks(m, pl), qs, transpose=True)
+    d_rot = m_rot / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
+    return blocks.from_blocks(_rotate(d_rot, qs, transpose=False), pl), v
+
+
+def _soap_update(hp, updates, state, step):
+    """One SOAP step; `hp` holds the builder's checked settings."""
+    t, refresh = blocks.schedule(state.count, step, hp["start"], hp["precondition_every"])
+    t_inc = (t + 1)
+    leaves_g, treedef = jax.tree.flatten(updates)
+    dtype = jnp.result_type(*leaves_g) if leaves_g else jnp.float32
+    mu = optax.tree.update_moment(updates, state.mu, hp["b1"], 1)
+    c1 = 1 - hp["b1"] ** t_inc.astype(dtype)
+    mu_hat = jax.tree.map(lambda m: m / c1.astype(m.dtype), mu)
+    c2 = 1 - hp["b2"] ** t_inc.astype(dtype)
+    plans = [blocks.make_plan(jnp.shape(g), hp["block_size"]) for g in leaves_g]
+    sb2 = hp["shampoo_b2"]
+    stats = tuple(() if not pl.preconditioned else tuple(
+        sb2 * s + (1 - sb2) * blocks.mode_statistic(blocks.to_blocks(g, pl), i)
+        for i, s in enumerate(st)) for pl, g, st in zip(plans, leaves_g, state.stats))
+
+    if hp["basis"] == "eigh":   # v stays out of the cond, which would copy it
+        bases = jax.lax.cond(refresh, lambda s, q: _eigh_bases(s, q, ())[0],
+                             lambda s, q: q, stats, state.bases)
+        nus = state.nu
+    else:
+        bases, nus = jax.lax.cond(
+            refresh,
+            lambda s, q, v: jax.lax.cond(t == hp["start"], _eigh_bases, _power_bases,
+                                         s, q, v),
+            lambda s, q, v: (q, v), stats, state.bases, state.nu)
+    out, new_nus = [], []
+    for pl, g, m, v, qs in zip(plans, leaves_g, treedef.flatten_up_to(mu_hat), nus, bases):
+        u, v = _adam_in_basis(pl, g, m, v, qs, hp["b2"], hp["eps"], c2)
+        out.append(u)
+        new_nus.append(v)
+    new_state = SoapState(optax.safe_increment(state.count), mu, tuple(new_nus), stats,
+                          bases)
+    return treedef.unflatten(out), new_state
+
+
 def scale_by_soap(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -77,6 +153,18 @@ def scale_by_soap(
     moments, statistics and bases); compute per step O(mn·b) for the statistics and the
     four rotations, plus O((m + n)·b²) per refresh (`eigh` or QR).
 
+    In a vmapped group (a sweep), pass the global step count as `update(..., step=t)`
+    with `t` unbatched (`in_axes=None`, or through `transforms.train_step`'s extra
+    arguments): the refresh condition is then computed from `t` rather than from each
+    member's own counter, so its `lax.cond` stays a branch and the decompositions run once
+    per period for the whole group instead of at every step. `t` must equal the number of
+    updates taken before this one (what `state.count` holds). Without `step`, the state's
+    counter decides, as in any optax transform. Decompositions run one matrix at a time
+    and one after another (batched LAPACK calls deadlocked XLA's CPU thread pool).
+
+    `b1`, `b2`, `eps` and `shampoo_b2` may be arrays (e.g. traced inside a `vmap` over a
+    hyper-parameter grid); they are then not checked here.
+
     Args:
       b1: Adam's first-moment decay in [0, 1).
       b2: Adam's second-moment decay in [0, 1).
@@ -92,19 +180,22 @@ def scale_by_soap(
       >>> state = opt.init(params)
       >>> updates, state = opt.update(grads, state, params)
     """
-    b1 = check.decay(b1, "b1")
-    b2 = check.decay(b2, "b2")
-    eps = check.non_negative(eps, "eps")
-    sb2 = b2 if shampoo_b2 is None else check.decay(shampoo_b2, "shampoo_b2")
-    block_size = blocks.check_block_size(block_size)
-    precondition_every = check.positive_int(precondition_every, "precondition_every")
-    start = check.non_negative_int(start_preconditioning_step, "start_preconditioning_step")
-    basis = check.choice(basis, "basis", _BASES)
+    b2 = blocks.checked(check.decay, b2, "b2")
+    hp = dict(
+        b1=blocks.checked(check.decay, b1, "b1"), b2=b2,
+        eps=blocks.checked(check.non_negative, eps, "eps"),
+        shampoo_b2=b2 if shampoo_b2 is None else blocks.checked(check.decay, shampoo_b2,
+                                                          "shampoo_b2"),
+        block_size=blocks.check_block_size(block_size),
+        precondition_every=check.positive_int(precondition_every, "precondition_every"),
+        start=check.non_negative_int(start_preconditioning_step,
+                                     "start_preconditioning_step"),
+        basis=check.choice(basis, "basis", _BASES))
 
     def init_fn(params):
         stats, bases, nu = [], [], []
         for p in jax.tree.leaves(params):
-            pl = blocks.make_plan(jnp.shape(p), block_size)
+            pl = blocks.make_plan(jnp.shape(p), hp["block_size"])
             if pl.preconditioned:
                 stats.append(blocks.zero_blocks(pl, p.dtype))
                 bases.append(blocks.identity_blocks(pl, p.dtype))
@@ -116,60 +207,11 @@ def scale_by_soap(
         return SoapState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params),
                          tuple(nu), tuple(stats), tuple(bases))
 
-    def refresh_fn(first):
-        def refresh(st, qs, v):
-            new_qs = []
-            for i, (s, q) in enumerate(zip(st, qs)):
-                if basis == "eigh":
-                    new_qs.append(blocks.eigenbasis(s, q))
-                    continue
-                q_eig = blocks.eigenbasis(s, q)
-                q_pow, order = blocks.qr_power_step(s, q)
-                v_perm = _permute(v, order, i)
-                new_qs.append(jnp.where(first, q_eig, q_pow))
-                v = jnp.where(first, v, v_perm)
-            return tuple(new_qs), v
-        return refresh
+    def update_fn(updates, state, params=None, *, step=None, **extra_args):
+        del params, extra_args
+        return _soap_update(hp, updates, state, step)
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = state.count
-        count_inc = optax.safe_increment(count)
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-        mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-        c2 = 1 - b2 ** count_inc  # as optax.tree.bias_correction
-        refresh = (count >= start) & ((count - start) % precondition_every == 0)
-        first = count == start
-
-        leaves_g, treedef = jax.tree.flatten(updates)
-        leaves_m = treedef.flatten_up_to(mu_hat)
-        out, nus, stats, bases = [], [], [], []
-        for g, m, v, st, qs in zip(leaves_g, leaves_m, state.nu, state.stats, state.bases):
-            pl = blocks.make_plan(jnp.shape(g), block_size)
-            if not pl.preconditioned:
-                v = (1 - b2) * (g * jnp.conj(g)) + b2 * v
-                out.append(m / (jnp.sqrt(v / c2.astype(v.dtype)) + eps))
-                nus.append(v)
-                stats.append(())
-                bases.append(())
-                continue
-            gb = blocks.to_blocks(g, pl)
-            st = tuple(sb2 * s + (1 - sb2) * blocks.mode_statistic(gb, i)
-                       for i, s in enumerate(st))
-            qs, v = jax.lax.cond(refresh, refresh_fn(first), lambda s, q, v: (q, v),
-                                 st, qs, v)
-            g_rot = _rotate(gb, qs, transpose=True)
-            v = (1 - b2) * (g_rot * g_rot) + b2 * v
-            m_rot = _rotate(blocks.to_blocks(m, pl), qs, transpose=True)
-            d_rot = m_rot / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
-            out.append(blocks.from_blocks(_rotate(d_rot, qs, transpose=False), pl))
-            nus.append(v)
-            stats.append(st)
-            bases.append(qs)
-        new_state = SoapState(count_inc, mu, tuple(nus), tuple(stats), tuple(bases))
-        return treedef.unflatten(out), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _permute(v, order, i):
@@ -185,9 +227,11 @@ def soap(
     b1: float = 0.95,
     b2: float = 0.95,
     eps: float = 1e-8,
+    weight_decay: float = 0.0,
     **kwargs,
 ) -> optax.GradientTransformation:
-    """SOAP with a learning rate: `scale_by_soap` followed by a descent step.
+    """SOAP with a learning rate: `scale_by_soap`, decoupled weight decay (added to the
+    scaled update, as in `optax.adamw`; `update` then needs `params`), a descent step.
 
     Keyword arguments (`shampoo_b2`, `block_size`, `precondition_every`,
     `start_preconditioning_step`, `basis`) are those of `scale_by_soap`.
@@ -198,5 +242,6 @@ def soap(
       >>> updates, state = opt.update(grads, state)
       >>> params = optax.apply_updates(params, updates)
     """
-    return optax.chain(scale_by_soap(b1, b2, eps, **kwargs),
-                       optax.scale_by_learning_rate(learning_rate))
+    weight_decay = blocks.checked(check.non_negative, weight_decay, "weight_decay")
+    return blocks.descent(scale_by_soap(b1, b2, eps, **kwargs), learning_rate,
+                          weight_decay)

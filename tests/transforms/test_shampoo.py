@@ -192,3 +192,35 @@ def test_ravine_far_fewer_steps_than_tuned_sgd_and_adam():
                            precondition_every=1), np.geomspace(0.01, 3, 8), 1000)
     assert ours <= 1000, ours
     assert ours < 0.5 * min(sgd, adam), (ours, sgd, adam)
+
+
+def test_bias_correction_in_float64_with_decaying_statistics():
+    """b2 < 1 in float64 against the EMA written plainly (issue 17: the correction was
+    computed in float32, off by √((1 − float32(b2)) / (1 − b2)) = 6.4e-6 at 0.999)."""
+    b2, eps = 0.999, 1e-12
+    opt = scale_by_shampoo(b1=0.0, b2=b2, eps=eps, graft="none",
+                           start_preconditioning_step=0, precondition_every=1)
+    gs = grads_sequence((5, 4), 4, seed=7)
+    state, update = opt.init(jnp.zeros((5, 4), jnp.float64)), jax.jit(opt.update)
+    L, R = np.zeros((5, 5)), np.zeros((4, 4))
+    for n, g in enumerate(gs, start=1):
+        u, state = update(jnp.asarray(g), state)
+        L, R = b2 * L + (1 - b2) * g @ g.T, b2 * R + (1 - b2) * g.T @ g
+        c = 1 - b2 ** n
+        want = np_inv_root(L / c, 4, eps) @ g @ np_inv_root(R / c, 4, eps)
+        np.testing.assert_allclose(u, want, rtol=1e-9)
+
+
+def test_weight_decay_before_preconditioning_is_adamw():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    ours = shampoo(0.1, b1=0.9, b2=0.99, weight_decay=0.05, graft_eps=1e-8,
+                   start_preconditioning_step=10**6)
+    ref = optax.adamw(0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.05)
+    s1, s2, p1, p2 = ours.init(params), ref.init(params), params, params
+    for g in [{"w": jnp.asarray(g), "b": jnp.asarray(g[0])}
+              for g in grads_sequence((4, 3), 4, seed=9)]:
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = ref.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)

@@ -142,3 +142,17 @@ def test_ravine_far_fewer_steps_than_tuned_sgd_and_adam():
                         start_preconditioning_step=1), np.geomspace(1e-3, 1, 8), 1000)
     assert ours <= 1000, ours
     assert ours < 0.5 * min(sgd, adam), (ours, sgd, adam)
+
+
+def test_weight_decay_with_identity_basis_is_adamw():
+    params = {"w": jnp.ones((5, 4)), "b": jnp.ones(4)}
+    ours = soap(0.01, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
+                start_preconditioning_step=10**6)
+    ref = optax.adamw(0.01, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1)
+    s1, s2, p1, p2 = ours.init(params), ref.init(params), params, params
+    for g in random_grads(params, 4, seed=2):
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = ref.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
