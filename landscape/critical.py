@@ -113,6 +113,10 @@ def _search(loss_fn, params, batch, key, *, steps, tol, method, learning_rate, c
         op = hessian(loss_fn, p, batch, chunk_size=chunk_size)
         idx = hessian_index(op, method=index, key=key, tol=index_tol, rtol=index_rtol,
                             num_probes=num_probes, num_steps=num_lanczos)
+        # A diverged search has no index: 0 would read like a minimum.
+        finite = jnp.isfinite(loss) & jnp.isfinite(out["gnorm"]) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)]))
+        idx = jax.tree.map(lambda f: jnp.where(finite, f, jnp.nan), idx)
     return CriticalPoint(p, loss, out["gnorm"], out["gnorm"] <= tol, out["t"], idx)
 
 

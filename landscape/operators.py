@@ -240,6 +240,21 @@ def _outer_product_term(g: Any, jv: Any) -> Any:
 
 # ------------------------------------------------------------------ builders ---
 
+def _check_floating(params: Any) -> None:
+    """Curvature is a derivative in the parameters: an integer leaf has none (JAX would
+    give its tangent the `float0` type and fail deep inside a product)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves:
+        raise ValueError("`params` has no array leaves.")
+    bad = [jax.tree_util.keystr(path) or "params" for path, x in leaves
+           if not jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if bad:
+        raise ValueError("curvature needs floating-point parameters; `params` has "
+                         f"non-floating leaves at {', '.join(bad[:5])}. Keep integer "
+                         "state (step counters, indices) out of the differentiated "
+                         "parameters.")
+
+
 def _check_chunk(batch: Any, chunk_size: int | None) -> int:
     n = _validate.num_examples(batch)
     if chunk_size is not None:
@@ -295,6 +310,7 @@ def hessian(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *
       >>> Hv = H.matvec(v)
       >>> ls.eigenvalues(H, k=5, key=jax.random.key(0)).values
     """
+    _check_floating(params)
     _check_chunk(batch, chunk_size)
     out = jax.eval_shape(loss_fn, params, _first_chunk(batch, chunk_size))
     if not hasattr(out, "shape") or out.shape != ():
@@ -324,6 +340,7 @@ def ggn(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
       >>> G = ls.ggn(model_apply, params, (x, y), loss="cross_entropy")
       >>> ls.trace(G, key=jax.random.key(0)).value
     """
+    _check_floating(params)
     _check_pair(batch)
     _check_loss(loss)
     _check_chunk(batch, chunk_size)
@@ -349,6 +366,7 @@ def fisher(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
       >>> F = ls.fisher(model_apply, params, (x, y), kind="true", key=jax.random.key(1))
       >>> ls.eigenvalues(F, k=3, key=jax.random.key(2)).values
     """
+    _check_floating(params)
     _validate.choice(kind, "kind", ("true", "empirical"))
     _check_pair(batch)
     _check_loss(loss, allow_callable=(kind == "empirical"))
