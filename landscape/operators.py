@@ -15,6 +15,10 @@ Cost of one `matvec` (P parameters, N examples): Hessian ≈ 2 gradients
 `apply_fn`. None of them forms per-example gradients or a (batch × classes × classes)
 tensor.
 
+Applied many times at one point (Lanczos, traces, densities), an operator is first
+passed through `prepared`: one `jax.linearize` stores what the products share, and
+each product then runs only its tangent part, when that fits a memory budget.
+
 When `batch` is split over devices along its example axis (`ls.shard_batch`, or
 `ls.shard(op)`), each device averages its own examples and the shares are added with
 one `psum` per matvec (`landscape.sharding`).
