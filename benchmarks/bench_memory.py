@@ -180,7 +180,13 @@ def main() -> None:
 
 
 PRODUCT_ROUNDS = 3
-NOTE = ("The CNN's products inside a loop cost tens of gradients in both modes against 2.8 for one call: on this CPU a loop of products of the convolutional model is slow whatever the preparation (cause not yet found; the loop, not the linearization, is what costs). The MLP's marginal products near one gradient mean XLA already hoists the loop-invariant primal out of the plain loop; preparing makes that independent of XLA's choice. With load ≈ 7 per core, rerun before relying on any one figure.")
+NOTE = ("The CNN's products inside a loop cost tens of gradients in both modes against "
+        "2.8 for one call: on this CPU a loop of products of the convolutional model is"
+        " slow whatever the preparation (cause not yet found; the loop, not the "
+        "linearization, is what costs). The MLP's marginal products near one gradient "
+        "mean XLA already hoists the loop-invariant primal out of the plain loop; "
+        "preparing makes that independent of XLA's choice. With load ≈ 7 per core, "
+        "rerun before relying on any one figure.")
 PRODUCT_GOALS = {"MLP": 1.85, "CNN1D": 1.85, "Transformer1D": 2.5}
 # Examples per model: the goals are stated at 4 000; on a shared 2-core machine the CNN
 # and the transformer loops at 4 000 did not finish in 25 minutes, so they run smaller
