@@ -31,7 +31,7 @@ import optax
 from landscape import _validate
 from landscape.chunking import chunk_mean
 from landscape.index import HessianIndex, hessian_index
-from landscape.operators import hessian
+from landscape.operators import hessian, prepared
 
 METHODS = ("gauss_newton", "gd", "adam")
 INDEX = ("auto", "dense", "density", "none")
@@ -79,8 +79,10 @@ def _search(loss_fn, params, batch, key, *, steps, tol, method, learning_rate, c
         p, g = state["p"], state["g"]
         if method == "gauss_newton":
             lam = state["lam"]
-            rhs = jax.tree.map(jnp.negative, hvp(p, g))
-            mat = lambda v: optax.tree.add_scale(hvp(p, hvp(p, v)), lam, v)
+            # 2 * cg_steps + 1 products at one point: linearize once (`prepared`).
+            H = prepared(hessian(loss_fn, p, batch, chunk_size=chunk_size))
+            rhs = jax.tree.map(jnp.negative, H.matvec(g))
+            mat = lambda v: optax.tree.add_scale(H.matvec(H.matvec(v)), lam, v)
             delta, _ = jax.scipy.sparse.linalg.cg(mat, rhs, tol=0.0, atol=0.0,
                                                   maxiter=cg_steps)
             trial = optax.tree.add(p, delta)
@@ -113,6 +115,10 @@ def _search(loss_fn, params, batch, key, *, steps, tol, method, learning_rate, c
         op = hessian(loss_fn, p, batch, chunk_size=chunk_size)
         idx = hessian_index(op, method=index, key=key, tol=index_tol, rtol=index_rtol,
                             num_probes=num_probes, num_steps=num_lanczos)
+        # A diverged search has no index: 0 would read like a minimum.
+        finite = jnp.isfinite(loss) & jnp.isfinite(out["gnorm"]) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)]))
+        idx = jax.tree.map(lambda f: jnp.where(finite, f, jnp.nan), idx)
     return CriticalPoint(p, loss, out["gnorm"], out["gnorm"] <= tol, out["t"], idx)
 
 

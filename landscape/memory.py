@@ -15,15 +15,17 @@ reverse-mode pass (see benchmarks/bench_memory.py for the numbers).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from landscape import _validate
 
-__all__ = ["ChunkChoice", "MemoryEstimate", "chunk_size_for_budget", "matvec_memory",
-           "memory_estimate"]
+__all__ = ["ChunkChoice", "MemoryEstimate", "chunk_size_for_budget", "default_budget",
+           "matvec_memory", "memory_estimate", "tree_bytes"]
 
 
 class MemoryEstimate(NamedTuple):
@@ -83,6 +85,36 @@ def matvec_memory(op: Any) -> MemoryEstimate:
     v = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)),
                      op.params)
     return memory_estimate(lambda o, w: o.matvec(w), op, v)
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of a pytree's array leaves (arrays or `jax.ShapeDtypeStruct`s).
+
+    Example:
+      >>> ls.memory.tree_bytes(jax.eval_shape(lambda p: jax.linearize(f, p)[1], params))
+    """
+    return sum(int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def default_budget(fraction: float = 0.25, device: Any = None) -> int:
+    """`fraction` of a device's memory, in bytes: what Basin lets stored residuals take
+    by default (`ls.prepared`, probe blocks of `ls.trace` and `ls.diagonal`).
+
+    An accelerator reports its limit (`memory_stats()["bytes_limit"]`); a CPU device
+    reports none, and the machine's physical memory stands in.
+
+    Example:
+      >>> ls.memory.default_budget() / 2**30   # GiB
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be in (0, 1]; got {fraction!r}.")
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    total = (stats or {}).get("bytes_limit")
+    if not total:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(fraction * total)
 
 
 def _divisors(n: int) -> list[int]:

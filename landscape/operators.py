@@ -15,6 +15,10 @@ Cost of one `matvec` (P parameters, N examples): Hessian ≈ 2 gradients
 `apply_fn`. None of them forms per-example gradients or a (batch × classes × classes)
 tensor.
 
+Applied many times at one point (Lanczos, traces, densities), an operator is first
+passed through `prepared`: one `jax.linearize` stores what the products share, and
+each product then runs only its tangent part, when that fits a memory budget.
+
 When `batch` is split over devices along its example axis (`ls.shard_batch`, or
 `ls.shard(op)`), each device averages its own examples and the shares are added with
 one `psum` per matvec (`landscape.sharding`).
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from landscape import _validate, losses, sharding
+from landscape import _validate, losses, memory, sharding
 from landscape.chunking import chunk_mean
 
 Loss = str | Callable[[Any, Any], jax.Array]
@@ -174,20 +178,29 @@ class CurvatureOperator(_OperatorMethods):
         outputs, pullback = jax.vjp(lambda p: self.fn(p, inputs), self.params)
         jv = jax.jvp(lambda p: self.fn(p, inputs), (self.params,), (v,))[1]
         n = jax.tree.leaves(outputs)[0].shape[0]
-        if self.kind == "ggn":
-            cotangent = _output_hvp(self.loss, outputs, targets, jv)
-        elif self.kind == "fisher_empirical":
-            cotangent = _outer_product_term(_output_grad(self.loss, outputs, targets), jv)
-        else:  # fisher_true: gradients at labels sampled from the model
-            keys = jax.random.split(jax.random.fold_in(self.key, index), self.num_samples)
-
-            def one(k):
-                sampled = _sample_targets(self.loss, outputs, k)
-                return _outer_product_term(_output_grad(self.loss, outputs, sampled), jv)
-
-            cotangent = jax.tree.map(lambda c: c.mean(0), jax.vmap(one)(keys))
+        cotangent = self._cotangent(outputs, targets, jv, index)
         (out,) = pullback(jax.tree.map(lambda c: c / n, cotangent))
         return out
+
+    def _cotangent(self, outputs: Any, targets: Any, jv: Any, index: jax.Array) -> Any:
+        """The output-space factor `H_out (J v)` (GGN) or `g (gᵀ J v)` (Fisher) of each
+        example of one chunk, before the pullback `Jᵀ`."""
+        if self.kind == "ggn":
+            return _output_hvp(self.loss, outputs, targets, jv)
+        if self.kind == "fisher_empirical":
+            return _outer_product_term(_output_grad(self.loss, outputs, targets), jv)
+        # fisher_true: gradients at labels sampled from the model
+        keys = jax.random.split(jax.random.fold_in(self.key, index), self.num_samples)
+
+        def one(k):
+            sampled = _sample_targets(self.loss, outputs, k)
+            return _outer_product_term(_output_grad(self.loss, outputs, sampled), jv)
+
+        return jax.tree.map(lambda c: c.mean(0), jax.vmap(one)(keys))
+
+    def prepare(self, mode: str = "auto", budget: int | None = None):
+        """This operator with products that reuse one linearization; see `prepared`."""
+        return prepared(self, mode=mode, budget=budget)
 
 
 # ---------------------------------------------------------------- output space ---
@@ -238,7 +251,174 @@ def _outer_product_term(g: Any, jv: Any) -> Any:
     return jax.tree.map(lambda a: dots.reshape((-1,) + (1,) * (a.ndim - 1)) * a, g)
 
 
+# ------------------------------------------------------- prepared products ---
+
+MODES = ("auto", "linearize", "plain")
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("base", "linear", "outputs"), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class PreparedOperator(_OperatorMethods):
+    """`base` whose products replay one stored linearization (build with `prepared`).
+
+    `linear` is the `jax.linearize` tangent map (a `jax.tree_util.Partial` whose leaves
+    are the stored residuals): of the gradient for the Hessian, of the model's outputs
+    over every example for the GGN and Fisher (`outputs` holds those outputs). Meant to
+    live inside one jitted routine: build it there, apply it many times, let it go.
+    """
+
+    base: CurvatureOperator
+    linear: Any
+    outputs: Any = None
+
+    @property
+    def params(self) -> Any:
+        return self.base.params
+
+    @property
+    def num_examples(self) -> int:
+        return self.base.num_examples
+
+    def value(self) -> jax.Array:
+        return self.base.value()
+
+    def matvec(self, v: Any) -> Any:
+        _validate.same_structure(v, self.params)
+        v = jax.tree.map(lambda a, p: jnp.asarray(a, jnp.result_type(p)), v, self.params)
+        if self.base.kind == "hessian":
+            return self.linear(v)
+        op = self.base
+        jv = self.linear(v)
+        cot = _chunk_map(lambda a, i: op._cotangent(*a, i), (self.outputs, op.batch[1], jv),
+                         op.chunk_size)
+        n = op.num_examples
+        (out,) = jax.linear_transpose(self.linear, op.params)(
+            jax.tree.map(lambda c: c / n, cot))
+        return out
+
+
+def _chunk_map(fn: Callable[[Any, jax.Array], Any], batch: Any,
+               chunk_size: int | None) -> Any:
+    """`fn(chunk, index)` on the chunks `chunk_mean` would use, results concatenated
+    along the example axis (so a chunk sees exactly the examples it sees there)."""
+    n = _validate.num_examples(batch)
+    if chunk_size is None or chunk_size >= n:
+        return fn(batch, jnp.asarray(0))
+    num_full, rem = divmod(n, chunk_size)
+    full = jax.tree.map(lambda x: x[: num_full * chunk_size].reshape(
+        (num_full, chunk_size) + x.shape[1:]), batch)
+    out = jax.lax.map(lambda a: fn(*a), (full, jnp.arange(num_full)))
+    out = jax.tree.map(lambda x: x.reshape((num_full * chunk_size,) + x.shape[2:]), out)
+    if rem:
+        tail = fn(jax.tree.map(lambda x: x[num_full * chunk_size:], batch),
+                  jnp.asarray(num_full))
+        out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+    return out
+
+
+def _linearize(op: CurvatureOperator) -> tuple[Any, Any]:
+    """`(outputs, linear)`: the linearization `prepared` stores for `op`."""
+    if op.kind == "hessian":
+        def grad(p):
+            at = dataclasses.replace(op, params=p)
+            return at._mean(lambda o, chunk, i: jax.grad(o.fn)(o.params, chunk))
+
+        return None, jax.linearize(grad, op.params)[1]
+    inputs = op.batch[0]
+    return jax.linearize(
+        lambda p: _chunk_map(lambda x, i: op.fn(p, x), inputs, op.chunk_size), op.params)
+
+
+def prepared(op, mode: str = "auto", budget: int | None = None):
+    """`op` with cheaper products when it is applied many times at one point.
+
+    A Hessian-vector product by forward-over-reverse recomputes the gradient (a forward
+    and a backward pass) before its tangent; a GGN or Fisher product recomputes the
+    model's forward pass twice. `jax.linearize` does that once and stores what the
+    tangent needs (the residuals: activations and the derivatives of the layers), so
+    each later product runs only the tangent: about one gradient's work less per product.
+    Lanczos, Hutchinson/Hutch++ traces, diagonals, spectral densities and per-block runs
+    apply one operator tens to hundreds of times, so they call this once, inside their
+    jitted routine, before their loop of products. Chunked operators store every
+    chunk's residuals (so the memory of the chunk bound is given up: the budget decides).
+
+    Args:
+      op: any operator of `landscape`. A `hessian`, `ggn` or `fisher` is linearized; a
+        wrapper with an `op` field (`ls.restrict`'s block) has its inner operator
+        prepared; anything else (a `LinearOperator`) is returned as it is.
+      mode: `"auto"` linearizes when the residuals fit `budget`, `"linearize"` always,
+        `"plain"` never (returns `op`).
+      budget: bytes the stored residuals may take (counted from their shapes, by tracing
+        only); default `ls.memory.default_budget()`, a quarter of the device's memory.
+        Operators whose examples are split over devices stay plain in `"auto"`.
+
+    Returns:
+      An operator with the same `.matvec` / `.matmat` / `.value()` contract, whose
+      products equal `op`'s to rounding.
+
+    Example:
+      >>> @jax.jit
+      ... def rayleigh_quotients(H, vs):
+      ...     H = ls.operators.prepared(H)            # one linearization ...
+      ...     return jax.lax.map(lambda v: optax.tree.vdot(v, H.matvec(v)), vs)  # ... reused
+    """
+    _validate.choice(mode, "mode", MODES)
+    if mode == "plain" or isinstance(op, PreparedOperator):
+        return op
+    if not isinstance(op, CurvatureOperator):
+        if dataclasses.is_dataclass(op) and "op" in {f.name for f in dataclasses.fields(op)}:
+            return dataclasses.replace(op, op=prepared(op.op, mode, budget))
+        return op
+    if op.shards is not None:
+        if mode == "linearize":
+            raise ValueError("mode='linearize' is not available for an operator whose "
+                             "examples are split over devices; use 'auto' or 'plain'.")
+        return op
+    if mode == "auto":
+        limit = memory.default_budget() if budget is None else budget
+        if product_bytes(op) > limit:
+            return op
+    outputs, linear = _linearize(op)
+    return PreparedOperator(op, linear, outputs)
+
+
+def product_bytes(op) -> int:
+    """Bytes the linearization of `op` stores (`prepared`), counted from shapes by
+    tracing only: about what one product's tangents carry through the model, so also
+    the memory each extra probe of a block costs. A `LinearOperator` counts its vector.
+
+    Example:
+      >>> ls.operators.product_bytes(H) / 2**20   # MiB
+    """
+    if isinstance(op, PreparedOperator):
+        op = op.base
+    if isinstance(op, CurvatureOperator):
+        if op.shards is not None:  # stays plain (`prepared`): its tangents, per device
+            return memory.tree_bytes(jax.eval_shape(lambda o: _linearize(
+                dataclasses.replace(o, shards=None))[1], op)) // op.shards[0].size
+        return memory.tree_bytes(jax.eval_shape(lambda o: _linearize(o)[1], op))
+    if dataclasses.is_dataclass(op) and "op" in {f.name for f in dataclasses.fields(op)}:
+        return product_bytes(op.op)
+    return memory.tree_bytes(op.params)
+
+
 # ------------------------------------------------------------------ builders ---
+
+def _check_floating(params: Any) -> None:
+    """Curvature is a derivative in the parameters: an integer leaf has none (JAX would
+    give its tangent the `float0` type and fail deep inside a product)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves:
+        raise ValueError("`params` has no array leaves.")
+    bad = [jax.tree_util.keystr(path) or "params" for path, x in leaves
+           if not jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if bad:
+        raise ValueError("curvature needs floating-point parameters; `params` has "
+                         f"non-floating leaves at {', '.join(bad[:5])}. Keep integer "
+                         "state (step counters, indices) out of the differentiated "
+                         "parameters.")
+
 
 def _check_chunk(batch: Any, chunk_size: int | None) -> int:
     n = _validate.num_examples(batch)
@@ -295,6 +475,7 @@ def hessian(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *
       >>> Hv = H.matvec(v)
       >>> ls.eigenvalues(H, k=5, key=jax.random.key(0)).values
     """
+    _check_floating(params)
     _check_chunk(batch, chunk_size)
     out = jax.eval_shape(loss_fn, params, _first_chunk(batch, chunk_size))
     if not hasattr(out, "shape") or out.shape != ():
@@ -324,6 +505,7 @@ def ggn(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
       >>> G = ls.ggn(model_apply, params, (x, y), loss="cross_entropy")
       >>> ls.trace(G, key=jax.random.key(0)).value
     """
+    _check_floating(params)
     _check_pair(batch)
     _check_loss(loss)
     _check_chunk(batch, chunk_size)
@@ -349,6 +531,7 @@ def fisher(apply_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
       >>> F = ls.fisher(model_apply, params, (x, y), kind="true", key=jax.random.key(1))
       >>> ls.eigenvalues(F, k=3, key=jax.random.key(2)).values
     """
+    _check_floating(params)
     _validate.choice(kind, "kind", ("true", "empirical"))
     _check_pair(batch)
     _check_loss(loss, allow_callable=(kind == "empirical"))

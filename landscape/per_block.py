@@ -20,7 +20,8 @@ from landscape import _validate
 from landscape.blocks import path_name, restrict
 from landscape.layers import default_layer
 from landscape.spectrum import Density, density as _density, eigenvalues
-from landscape.trace import _mean_and_error, trace as _trace
+from landscape.operators import MODES, prepared
+from landscape.trace import _mean_and_error, block_size_for, trace as _trace
 
 
 class BlockReport(NamedTuple):
@@ -89,20 +90,22 @@ def _masks(params: Any, predicates: dict) -> np.ndarray:
     return np.stack(rows)
 
 
-@functools.partial(jax.jit, static_argnames=("num_probes",))
-def _shared_trace(op, key, masks, *, num_probes):
-    mv, flat = op.flat_matvec()
+@functools.partial(jax.jit, static_argnames=("num_probes", "block", "mode"))
+def _shared_trace(op, key, masks, *, num_probes, block, mode):
+    mv, flat = prepared(op, mode).flat_matvec()
     # The same probes as `ls.trace(op, method="hutchinson")`: the blocks' samples add
     # up to its samples exactly.
     z = jax.random.rademacher(key, (num_probes, flat.shape[0]), flat.dtype)
-    samples = jax.lax.map(lambda zi: masks @ (zi * mv(zi)), z)  # (probes, blocks)
+    samples = jax.lax.map(lambda zi: masks @ (zi * mv(zi)), z,
+                          batch_size=block if block > 1 else None)  # (probes, blocks)
     return _mean_and_error(samples)
 
 
 def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
               num_steps: int | None = None, tol: float = 1e-3, trace_probes: int = 100,
               trace_method: str = "shared", density: bool = False,
-              density_probes: int = 4, density_steps: int = 40) -> dict[str, BlockReport]:
+              density_probes: int = 4, density_steps: int = 40, block_size: int | None = None,
+              mode: str = "auto") -> dict[str, BlockReport]:
     """Top eigenvalues, trace and (optionally) spectral density of each block `H_bb`.
 
     Args:
@@ -127,6 +130,8 @@ def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
           at `trace_probes` full matvecs per block.
       density: also run stochastic Lanczos quadrature on each block
         (`density_probes × density_steps` matvecs per block).
+      block_size, mode: trace probes applied together and how the operator is prepared
+        for its many products, as in `ls.trace` (`ls.operators.prepared`).
 
     Cost in full matvecs: `blocks × (num_steps + k)` for the eigenvalues (a restricted
     matvec is one full matvec), plus `trace_probes` ("shared") or
@@ -145,13 +150,15 @@ def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
     _validate.choice(trace_method, "trace_method", ("shared", "restricted"))
     trace_probes = _validate.positive_int(trace_probes, "trace_probes")
     k = _validate.positive_int(k, "k")
+    _validate.choice(mode, "mode", MODES)
     predicates = _block_predicates(op.params, blocks)
     masks = _masks(op.params, predicates)
     k_eig, k_trace, k_den = jax.random.split(key, 3)
     if trace_method == "shared":
         dtype = ravel_pytree(op.params)[0].dtype
         traces, errors = _shared_trace(op, k_trace, jnp.asarray(masks, dtype),
-                                       num_probes=trace_probes)
+                                       num_probes=trace_probes, mode=mode,
+                                       block=block_size_for(op, trace_probes, block_size))
         _validate.check_finite("The operator", traces)
     reports = {}
     for i, (name, select) in enumerate(predicates.items()):
@@ -163,7 +170,7 @@ def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
             tr, err = traces[i], errors[i]
         else:
             est = _trace(block, key=jax.random.fold_in(k_trace, i),
-                         num_probes=max(trace_probes, 3))
+                         num_probes=max(trace_probes, 3), block_size=block_size, mode=mode)
             tr, err = est.value, est.std_error
         den = _density(block, key=jax.random.fold_in(k_den, i),
                        num_probes=density_probes, num_steps=density_steps) if density else None

@@ -281,6 +281,10 @@ def _worst_case(loss_fn, params, batch, key, rho, step, eta, *, num_steps, chunk
         base = _mean_loss(loss_fn, params, batch, chunk_size)
         best, eps = _l2_ascent(loss_fn, params, batch, c, key, rho, step, num_steps,
                                chunk_size)
+        # ε = 0 is in the ball and the ascent starts on its sphere: at a strict maximum
+        # every iterate is below L(w), and the maximum is 0 at ε = 0.
+        eps = optax.tree.where(best > base, eps, optax.tree.zeros_like(eps))
+        best = jnp.maximum(best, base)
         return WorstCaseSharpness(best - base, base, best, eps)
 
     # m-sharpness: every disjoint chunk of m examples gets its own perturbation.
@@ -288,7 +292,7 @@ def _worst_case(loss_fn, params, batch, key, rho, step, eta, *, num_steps, chunk
         base = loss_fn(params, b)
         best, _ = _l2_ascent(loss_fn, params, b, c, jax.random.fold_in(key, i), rho,
                              step, num_steps, None)
-        return base, best
+        return base, jnp.maximum(best, base)
 
     base, best = chunk_mean(per_chunk, batch, m)
     return WorstCaseSharpness(best - base, base, best, None)

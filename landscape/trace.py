@@ -1,8 +1,11 @@
 """Stochastic trace and diagonal estimation with Rademacher probes.
 
 Each estimate carries a standard error computed from the spread of its probes, so a
-caller can tell how far to trust it. Probes are applied one at a time (`lax.map`):
-on CPU that is faster than a `vmap` over them, and memory stays at one matvec.
+caller can tell how far to trust it. The operator is prepared once (`ls.prepared`: one
+linearization, reused by every probe when it fits the memory budget) and applied to
+blocks of `block_size` probes at a time (`lax.map` with `batch_size`: a `vmap` inside a
+block, so an accelerator sees matrix-matrix work). The blocks change how the products
+are scheduled, never which probes are drawn: the values are the probe-at-a-time ones.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from landscape import _validate
+from landscape import _validate, memory
+from landscape.operators import MODES, prepared, product_bytes
 
 
 class TraceEstimate(NamedTuple):
@@ -39,28 +43,66 @@ def _mean_and_error(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
     return samples.mean(0), err
 
 
-@functools.partial(jax.jit, static_argnames=("num_probes", "method"))
-def _trace(op, key, *, num_probes, method):
-    mv, flat = op.flat_matvec()
+def block_size_for(op, num_probes: int, block_size: int | None = None,
+                   budget: int | None = None) -> int:
+    """Probes per block: `block_size` if given, else as many as `budget` bytes hold.
+
+    Each probe in a block carries its own tangents through the model, about
+    `ls.operators.product_bytes(op)` bytes. On a CPU the default is one probe at a
+    time: there a `vmap` over tangents was measured slower than a loop
+    (benchmarks/RESULTS.md, `bench_memory`), while accelerators gain from the blocks.
+
+    Example:
+      >>> from landscape.trace import block_size_for
+      >>> block_size_for(H, 100, budget=2**30)
+    """
+    num_probes = _validate.positive_int(num_probes, "num_probes")
+    if block_size is not None:
+        return min(_validate.positive_int(block_size, "block_size"), num_probes)
+    if budget is None:
+        if jax.default_backend() == "cpu":
+            return 1
+        budget = memory.default_budget()
+    return int(max(1, min(num_probes, budget // max(product_bytes(op), 1))))
+
+
+def _apply(mv, z: jax.Array, block: int) -> jax.Array:
+    """`mv` of every row of `z`, `block` rows at a time."""
+    block = min(block, z.shape[0])
+    return jax.lax.map(mv, z, batch_size=block if block > 1 else None)
+
+
+def _check(mode, budget):
+    _validate.choice(mode, "mode", MODES)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or budget <= 0):
+        raise ValueError(f"`budget` must be a positive number of bytes; got {budget!r}.")
+
+
+@functools.partial(jax.jit, static_argnames=("num_probes", "method", "block", "mode",
+                                             "budget"))
+def _trace(op, key, *, num_probes, method, block, mode, budget):
+    mv, flat = prepared(op, mode, budget).flat_matvec()
     n = flat.shape[0]
     if method == "hutchinson":
         z = jax.random.rademacher(key, (num_probes, n), flat.dtype)
-        return _mean_and_error(jnp.sum(z * jax.lax.map(mv, z), axis=1)), op.value()
+        return _mean_and_error(jnp.sum(z * _apply(mv, z, block), axis=1)), op.value()
     # Hutch++ (Meyer, Musco, Musco & Woodruff 2021): the top of the spectrum exactly on
     # a sketched subspace, Hutchinson on the deflated rest.
     sketch = num_probes // 3
     k_s, k_g = jax.random.split(key)
     s = jax.random.rademacher(k_s, (sketch, n), flat.dtype)
-    q, _ = jnp.linalg.qr(jax.lax.map(mv, s).T)  # (n, sketch)
-    exact = jnp.sum(q.T * jax.lax.map(mv, q.T))
+    q, _ = jnp.linalg.qr(_apply(mv, s, block).T)  # (n, sketch)
+    exact = jnp.sum(q.T * _apply(mv, q.T, block))
     g = jax.random.rademacher(k_g, (num_probes - 2 * sketch, n), flat.dtype)
     g = g - (g @ q) @ q.T
-    value, err = _mean_and_error(jnp.sum(g * jax.lax.map(mv, g), axis=1))
+    value, err = _mean_and_error(jnp.sum(g * _apply(mv, g, block), axis=1))
     return (exact + value, err), op.value()
 
 
-def trace(op, *, key: jax.Array, num_probes: int = 100,
-          method: str = "hutch++") -> TraceEstimate:
+def trace(op, *, key: jax.Array, num_probes: int = 100, method: str = "hutch++",
+          block_size: int | None = None, mode: str = "auto",
+          budget: int | None = None) -> TraceEstimate:
     """Trace of a symmetric operator from `num_probes` matvecs.
 
     `"hutchinson"`: mean of `zᵀAz` over Rademacher probes; variance
@@ -72,6 +114,16 @@ def trace(op, *, key: jax.Array, num_probes: int = 100,
 
     The standard error is the spread of the stochastic part's samples / √probes.
 
+    Args:
+      op: any operator (`hessian`, `ggn`, `fisher`, a block, a `LinearOperator`).
+      key: PRNG key for the probes.
+      num_probes: matvecs in all.
+      method: `"hutch++"` or `"hutchinson"`.
+      block_size: probes applied together (`block_size_for`: one on CPU, as many as
+        `budget` holds on an accelerator); the estimate does not depend on it.
+      mode, budget: how the operator is prepared for its many products
+        (`ls.prepared`: `"auto"` linearizes once when the residuals fit `budget` bytes).
+
     Example:
       >>> tr = ls.trace(ls.hessian(loss_fn, params, batch), key=jax.random.key(0))
       >>> tr.value, tr.std_error
@@ -80,27 +132,35 @@ def trace(op, *, key: jax.Array, num_probes: int = 100,
     num_probes = _validate.positive_int(num_probes, "num_probes")
     if method == "hutch++" and num_probes < 3:
         raise ValueError(f"method='hutch++' needs `num_probes` >= 3; got {num_probes}.")
-    (value, err), loss = _trace(op, key, num_probes=num_probes, method=method)
+    _check(mode, budget)
+    block = block_size_for(op, num_probes, block_size, budget)
+    (value, err), loss = _trace(op, key, num_probes=num_probes, method=method,
+                                block=block, mode=mode, budget=budget)
     _validate.check_finite("The operator", value, loss)
     return TraceEstimate(value, err, num_probes)
 
 
-@functools.partial(jax.jit, static_argnames=("num_probes",))
-def _diagonal(op, key, *, num_probes):
-    mv, flat = op.flat_matvec()
+@functools.partial(jax.jit, static_argnames=("num_probes", "block", "mode", "budget"))
+def _diagonal(op, key, *, num_probes, block, mode, budget):
+    mv, flat = prepared(op, mode, budget).flat_matvec()
     z = jax.random.rademacher(key, (num_probes, flat.shape[0]), flat.dtype)
-    return _mean_and_error(z * jax.lax.map(mv, z)), op.value()
+    return _mean_and_error(z * _apply(mv, z, block)), op.value()
 
 
-def diagonal(op, *, key: jax.Array, num_probes: int = 100) -> DiagonalEstimate:
-    """Diagonal of a symmetric operator: the mean of `z ⊙ Az` over Rademacher probes.
+def diagonal(op, *, key: jax.Array, num_probes: int = 100, block_size: int | None = None,
+             mode: str = "auto", budget: int | None = None) -> DiagonalEstimate:
+    """Diagonal of a symmetric operator: the mean of `z ⊙ Az` over Rademacher probes
+    (Bekas, Kokiopoulou & Saad 2007). `block_size`, `mode` and `budget` as in `trace`.
 
     Example:
       >>> d = ls.diagonal(H, key=jax.random.key(0), num_probes=200)
       >>> d.value["dense"]["kernel"]
     """
     num_probes = _validate.positive_int(num_probes, "num_probes")
-    (value, err), loss = _diagonal(op, key, num_probes=num_probes)
+    _check(mode, budget)
+    block = block_size_for(op, num_probes, block_size, budget)
+    (value, err), loss = _diagonal(op, key, num_probes=num_probes, block=block, mode=mode,
+                                   budget=budget)
     _validate.check_finite("The operator", value, loss)
     unravel = ravel_pytree(op.params)[1]
     return DiagonalEstimate(unravel(value), unravel(err))

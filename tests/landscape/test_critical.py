@@ -120,3 +120,23 @@ def test_bad_input_raises():
         ls.find_critical_point(saddle_fn, jnp.zeros(3), BATCH, index="exact")
     with pytest.raises(ValueError, match="loss_fn"):
         ls.find_critical_point("loss", jnp.zeros(3), BATCH)
+
+
+@pytest.mark.parametrize("index", ["dense", "density"])
+def test_a_diverged_search_reports_nan_index_not_a_minimum(index):
+    # GD on ½‖g‖² with g = (x, −y + y³, 2z): far from the origin the y³ term makes every
+    # step overshoot, the iterate grows without bound and becomes non-finite within a
+    # few steps. A NaN point has no index; 0 would read like a minimum.
+    cp = ls.find_critical_point(saddle_fn, jnp.array([3.0, 3.0, 3.0]), BATCH, method="gd",
+                                learning_rate=0.5, steps=20, tol=1e-8, index=index,
+                                key=jax.random.key(0))
+    assert not np.all(np.isfinite(np.asarray(cp.params)))
+    assert not bool(cp.converged)
+    for field in cp.index:
+        assert np.isnan(float(field)), cp.index
+    # A finite point in the same batch of starts keeps its index.
+    starts = jnp.array([[3.0, 3.0, 3.0], [0.01, 0.99, 0.0]])
+    cp = ls.critical_points(saddle_fn, starts, BATCH, method="gd", learning_rate=0.5,
+                            steps=20, tol=1e-8, index="dense")
+    assert np.isnan(float(cp.index.negative[0]))
+    assert float(cp.index.negative[1]) == 0.0

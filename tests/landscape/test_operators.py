@@ -186,3 +186,21 @@ def test_bad_arguments_are_named(setup):
         ls.ggn(m.mlp_apply, params, batch[0])
     with pytest.raises(ValueError, match="leading example axis"):
         ls.hessian(m.ce_loss, params, (batch[0], batch[1][:5]))
+
+
+def test_integer_parameters_are_rejected_at_construction(setup):
+    params, batch = setup
+    ints = jax.tree.map(lambda a: jnp.round(a).astype(jnp.int32), params)
+    mixed = dict(params, step=jnp.asarray(3))  # one integer leaf among floats
+    apply_fn = lambda p, x: m.mlp_apply({k: v for k, v in p.items() if k != "step"}, x)
+    loss_fn = lambda p, b: ls.cross_entropy(apply_fn(p, b[0]), b[1])
+    builders = [lambda p: ls.hessian(loss_fn, p, batch),
+                lambda p: ls.ggn(apply_fn, p, batch),
+                lambda p: ls.fisher(apply_fn, p, batch, kind="empirical"),
+                lambda p: ls.fisher(apply_fn, p, batch, kind="true", key=KEY)]
+    for build in builders:
+        for bad in (ints, mixed):
+            with pytest.raises(ValueError, match="floating-point"):
+                build(bad)
+    with pytest.raises(ValueError, match="floating-point.*step"):
+        ls.eigenvalues(ls.hessian(loss_fn, mixed, batch), k=1, key=KEY)

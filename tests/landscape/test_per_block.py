@@ -104,3 +104,18 @@ def test_bad_blocks(setup):
         ls.per_block(H, ["layer0"], key=KEY)
     with pytest.raises(ValueError, match="trace_method"):
         ls.per_block(H, key=KEY, trace_method="exact")
+
+
+@pytest.mark.parametrize("trace_method", ["shared", "restricted"])
+def test_traces_with_linearized_products_in_probe_blocks_equal_plain(setup, trace_method):
+    params, H, dense = setup
+    plain = ls.per_block(H, trace_method=trace_method, mode="plain", block_size=1, **CFG)
+    fast = ls.per_block(H, trace_method=trace_method, mode="linearize", block_size=7,
+                        **CFG)
+    for name in plain:
+        np.testing.assert_allclose(fast[name].trace, plain[name].trace, rtol=1e-12,
+                                   atol=1e-10)
+        np.testing.assert_allclose(fast[name].trace_std_error, plain[name].trace_std_error,
+                                   rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="mode"):
+        ls.per_block(H, mode="fast", **CFG)

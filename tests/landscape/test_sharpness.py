@@ -360,3 +360,17 @@ def test_rescale_relu_bad_inputs():
     np.testing.assert_array_equal(out["layer0"]["b"], 2.0 * params["layer0"]["b"])
     np.testing.assert_array_equal(out["layer1"]["w"], params["layer1"]["w"] / 2.0)
     np.testing.assert_array_equal(out["layer1"]["b"], params["layer1"]["b"])
+
+
+@pytest.mark.parametrize("fn", [S.worst_case, S.adaptive])
+def test_worst_case_at_a_strict_maximum_is_zero_with_zero_perturbation(fn):
+    # At a strict maximum every ε ≠ 0 lowers the loss, so the maximum over the ball is
+    # attained at ε = 0: value exactly 0, not the (negative) best point of the sphere.
+    loss, wstar, _ = quadratic([-x for x in SPECTRUM])
+    out = fn(loss, wstar, DUMMY, key=KEY, rho=0.05, num_steps=10)
+    assert float(out.value) == 0.0
+    assert float(out.perturbed_loss) == float(out.loss) == pytest.approx(0.3)
+    np.testing.assert_array_equal(ravel_pytree(out.perturbation)[0], 0.0)
+    # m-sharpness: every chunk's maximum is clamped the same way.
+    out = fn(loss, wstar, DUMMY, key=KEY, rho=0.05, num_steps=10, m=3)
+    assert float(out.value) == 0.0
