@@ -525,8 +525,9 @@ def _smooth(nodes, weights, grid, sigma):
     return jnp.sum(g * weights[None], axis=(1, 2)) / nodes.shape[0]
 
 
-@functools.partial(jax.jit, static_argnames=("num_probes", "num_steps", "num_points"))
-def _slq(op, key, sigma, *, num_probes, num_steps, num_points):
+@functools.partial(jax.jit, static_argnames=("num_probes", "num_steps", "num_points",
+                                             "block_size"))
+def _slq(op, key, sigma, *, num_probes, num_steps, num_points, block_size):
     mv, flat = op.flat_matvec()
     n = flat.shape[0]
     k_probe, k_restart = jax.random.split(key)
@@ -538,7 +539,9 @@ def _slq(op, key, sigma, *, num_probes, num_steps, num_points):
         theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
         return theta, s[0] ** 2
 
-    nodes, weights = jax.lax.map(one, (probes, jax.random.split(k_restart, num_probes)))
+    # batch_size vmaps `one` over blocks of probes: every product becomes a matmat.
+    nodes, weights = jax.lax.map(one, (probes, jax.random.split(k_restart, num_probes)),
+                                 batch_size=block_size)
     lo, hi = nodes.min(), nodes.max()
     width = jnp.maximum(hi - lo, jnp.finfo(flat.dtype).eps * jnp.maximum(1.0, jnp.abs(hi)))
     sigma = jnp.where(sigma > 0, sigma, 0.01 * width)
@@ -546,8 +549,21 @@ def _slq(op, key, sigma, *, num_probes, num_steps, num_points):
     return (nodes, weights, grid, _smooth(nodes, weights, grid, sigma), sigma), op.value()
 
 
+_BLOCK_BYTES = 2**31  # Lanczos bases of one block of probes, on accelerators
+
+
+def _block_size(block_size, num_probes, num_steps, op) -> int:
+    if block_size is not None:
+        return min(_validate.positive_int(block_size, "block_size"), num_probes)
+    if jax.default_backend() == "cpu":
+        return 1
+    per_probe = num_steps * op.size * jnp.dtype(op.dtype).itemsize
+    return max(1, min(num_probes, _BLOCK_BYTES // per_probe))
+
+
 def density(op, *, key: jax.Array, num_probes: int = 10, num_steps: int = 80,
-            sigma: float | None = None, num_points: int = 1000) -> Density:
+            sigma: float | None = None, num_points: int = 1000,
+            block_size: int | None = None) -> Density:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
     Each of `num_probes` Rademacher probes runs `num_steps` Lanczos steps; the Ritz
@@ -558,6 +574,12 @@ def density(op, *, key: jax.Array, num_probes: int = 10, num_steps: int = 80,
     Args:
       sigma: Gaussian smoothing width for `grid`/`values`; default 1% of the node range.
       num_points: grid points for the smoothed density.
+      block_size: probes run together, their products batched into one `vmap`ped
+        matvec (matrix-matrix work). Default: 1 on CPU, where batched products measured
+        slower than one at a time; elsewhere as many as fit `num_steps × n` bases in
+        2 GiB. Values do not depend on it.
+
+    Cost: `num_probes × num_steps` products; memory `block_size × num_steps × n`.
 
     Example:
       >>> den = ls.density(H, key=jax.random.key(0), num_probes=8, num_steps=60)
@@ -568,7 +590,9 @@ def density(op, *, key: jax.Array, num_probes: int = 10, num_steps: int = 80,
     num_points = _validate.positive_int(num_points, "num_points")
     if sigma is not None and not sigma > 0:
         raise ValueError(f"`sigma` must be positive; got {sigma!r}.")
+    block = _block_size(block_size, num_probes, num_steps, op)
     out, loss = _slq(op, key, jnp.asarray(-1.0 if sigma is None else sigma),
-               num_probes=num_probes, num_steps=num_steps, num_points=num_points)
+                     num_probes=num_probes, num_steps=num_steps, num_points=num_points,
+                     block_size=block)
     _validate.check_finite("The operator", out[0], out[1], loss)
     return Density(*out)
