@@ -1,10 +1,13 @@
 """Eigenvalues and spectral density of any symmetric operator on parameter pytrees.
 
-Lanczos with full re-orthogonalization runs on the flattened parameter vector inside
-one `lax.scan`. When the Krylov space closes (the residual vanishes: low-rank
-curvature, clustered eigenvalues) it restarts from a random vector orthogonal to the
-basis and records a zero coupling, so the tridiagonal matrix stays exact instead of
-filling with rounding noise.
+Lanczos with full re-orthogonalization runs on the flattened parameter vector. By
+default `eigenvalues` is adaptive: one `lax.while_loop` that stops when the recurrence's
+residual estimates of the wanted Ritz pairs meet `tol`, followed (for k >= 2) by
+deflated checks for copies of repeated eigenvalues a single Krylov space cannot hold;
+a fixed `num_steps` runs the plain `lax.scan`. When the Krylov space closes (the
+residual vanishes: low-rank curvature, clustered eigenvalues) Lanczos restarts from a
+random vector orthogonal to the basis and records a zero coupling, so the tridiagonal
+matrix stays exact instead of filling with rounding noise.
 """
 
 from __future__ import annotations
