@@ -154,7 +154,7 @@ def test_adaptive_under_jit_and_vmap():
 def _training_points(num_points=6, sgd_steps=3):
     params = m.mlp_params(jax.random.key(3), sizes=(5, 10, 3))
     batch = m.classification_data(jax.random.key(4), n=48, d=5, classes=3)
-    opt = optax.sgd(0.5)
+    opt = optax.sgd(0.1)
     state = opt.init(params)
     points = []
     for _ in range(num_points):
