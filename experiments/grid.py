@@ -149,7 +149,7 @@ def vmapped_paths(cfg: dict) -> list[str]:
     builders all accept traced hyper-parameters; optax's may branch on values)."""
     names = [m.get("optimizer.name") for m in expand(cfg)] if cfg["sweep"] else [
         cfg["optimizer"]["name"]]
-    basin = all(name in tx.names() and tx.registry.accepts_traced(name) for name in names)
+    basin = all(name in tx.names() for name in names)
     out = []
     for keys, values in axes(cfg):
         for j, key in enumerate(keys):

@@ -56,7 +56,7 @@ def test_default_config_grid_and_measures_without_running_it():
     (["--set", "measure.measures=[\"curvyness\"]"], "measure.measures must be a list drawn from"),
     (["--set", "steps"], "--set expects key=value"),
     (["--set", "model.hidden=[0]"], "model.hidden"),
-    (["--set", "optimizer.name=\"rmsprop\""], "Unknown optimizer 'rmsprop'; valid choices"),
+    (["--set", "optimizer.name=\"rmsprpo\""], "Unknown optimizer 'rmsprpo'; valid choices"),
     (["--set", "optimizer.rhoo=3"], "Unknown hyper-parameter(s) 'rhoo'"),
 ])
 def test_cli_user_errors_are_one_line_without_traceback(args, message, tmp_path):
@@ -92,10 +92,13 @@ def test_only_optimizers_that_accept_traced_values_get_vmapped_hyperparameters()
     sam = cfglib.load(TINY, ['optimizer.name="sam"', "sweep.optimizer.rho=[0.01, 0.05]"])
     assert "optimizer.rho" in cfglib.vmapped_paths(sam)
     assert len(cfglib.groups(sam)) == 2  # batch sizes only
-    # Shampoo branches on b2 (b2 = 1: plain sums), so each value is its own program.
+    # Shampoo's float hyper-parameters may be traced too; an optax optimizer's are not.
     sh = cfglib.load(TINY, ['optimizer.name="shampoo"', "sweep.optimizer.b2=[0.99, 0.999]"])
-    assert "optimizer.b2" not in cfglib.vmapped_paths(sh)
-    assert len(cfglib.groups(sh)) == 2 * 2
+    assert "optimizer.b2" in cfglib.vmapped_paths(sh)
+    assert len(cfglib.groups(sh)) == 2
+    ada = cfglib.load(TINY, ['optimizer.name="adabelief"', "sweep.optimizer.b1=[0.8, 0.9]"])
+    assert "optimizer.b1" not in cfglib.vmapped_paths(ada)
+    assert len(cfglib.groups(ada)) == 2 * 2
 
 
 def test_unknown_study_is_a_config_error(tmp_path):

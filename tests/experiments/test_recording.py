@@ -19,7 +19,7 @@ import experiments
 import landscape as ls
 from experiments import config as cfglib
 from experiments.data import mnist1d, randomize_labels
-from experiments.sweep import _load_data
+from experiments.data import load as load_data
 from experiments.train import build_model, loss_function, make_group_program
 
 TINY = str(Path(__file__).with_name("tiny.toml"))
@@ -60,7 +60,7 @@ def test_label_noise_in_the_runner_touches_training_labels_only():
     data = mnist1d()
     d = {"name": "mnist1d", "num_train": 1000, "num_test": 500, "seed": 7,
          "label_noise": 0.5}
-    (x, y), (xt, yt), _ = _load_data(d)
+    (x, y), (xt, yt), _ = load_data(d)
     np.testing.assert_array_equal(np.asarray(yt), data.y_test[:500])
     np.testing.assert_array_equal(np.asarray(xt), data.x_test[:500])
     np.testing.assert_array_equal(np.asarray(x), data.x_train[:1000])
