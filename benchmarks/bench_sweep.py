@@ -14,9 +14,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+import transforms as tx
 from benchmarks._results import machine, median_time, write_section
 from experiments.data import mnist1d
-from experiments.train import build_model, make_group_program
+from experiments.program import Settings, make_group_program
+from experiments.train import build_model
 
 STEPS, BATCHES, HIDDEN = 600, (16, 128), [100, 100]
 
@@ -30,9 +32,9 @@ def _matmul_peak(n: int = 2048) -> float:
 
 def _compare(batch: int, x, y, model) -> tuple[float, float, float]:
     """(vmapped seconds, sequential seconds, compile seconds) for one batch size."""
-    train_cfg = {"steps": STEPS, "epochs": 0, "record_every": 100, "until_train_loss": 0.0,
-                 "loss": "cross_entropy", "diverge_above": 1e9}
-    program = make_group_program(model, {"name": "sgd"}, train_cfg, batch, x, y)
+    settings = Settings(steps=STEPS, batch_size=batch, record_every=100, diverge_above=1e9)
+    program = make_group_program(model, lambda h: tx.make("sgd", **h), settings,
+                                 x, y)
     lrs = jnp.tile(jnp.array([0.01, 0.03, 0.1, 0.3], jnp.float32), 4)
     seeds = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 4)
     t0 = time.perf_counter()
