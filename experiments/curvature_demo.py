@@ -25,6 +25,21 @@ from experiments.loop import fit
 from experiments.models import MLP, pure
 
 
+def _train(apply_fn, loss_fn, params, data, steps: int, key):
+    """Adam on mini-batches of 128 in exact epochs; returns (params, train acc, test acc)."""
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    t0 = time.perf_counter()
+    params, _, losses, _ = fit(loss_fn, params, optax.adam(1e-3), (x, y), steps=steps,
+                               batch_size=128, key=key, scan=True)
+    train_acc = float(ls.accuracy(apply_fn(params, x), y))
+    test_acc = float(ls.accuracy(apply_fn(params, jnp.asarray(data.x_test)),
+                                 jnp.asarray(data.y_test)))
+    print(f"trained {steps} Adam steps in {time.perf_counter() - t0:.1f}s: "
+          f"train loss {float(losses[-1]):.3f}, train acc {train_acc:.3f}, "
+          f"test acc {test_acc:.3f}")
+    return params, train_acc, test_acc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo", help="output directory")
@@ -42,16 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     def loss_fn(p, batch):
         return ls.cross_entropy(apply_fn(p, batch[0]), batch[1])
 
-    t0 = time.perf_counter()
-    params, _, losses, _ = fit(loss_fn, params, optax.adam(1e-3), (x, y), steps=args.steps,
-                               batch_size=128, key=key, scan=True)
-
-    train_acc = float(ls.accuracy(apply_fn(params, x), y))
-    test_acc = float(ls.accuracy(apply_fn(params, jnp.asarray(data.x_test)),
-                                 jnp.asarray(data.y_test)))
-    print(f"trained {args.steps} Adam steps in {time.perf_counter() - t0:.1f}s: "
-          f"train loss {float(losses[-1]):.3f}, train acc {train_acc:.3f}, "
-          f"test acc {test_acc:.3f}")
+    params, train_acc, test_acc = _train(apply_fn, loss_fn, params, data, args.steps, key)
 
     H = ls.hessian(loss_fn, params, (x, y), chunk_size=1000)
     G = ls.ggn(apply_fn, params, (x, y), chunk_size=1000)

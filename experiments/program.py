@@ -9,10 +9,9 @@ frozen; one that reaches `until_train_loss` (mean mini-batch loss over a record 
 is marked converged and frozen; the others go on.
 
 The program is a `while_loop` over record windows of `record_every` steps, outside the
-member `vmap` so the window counter (and the step index the optimizer sees) stays shared
-by all members: the epoch permutation's `cond`, and any optimizer's refresh branch,
-stay branches. At the end of every window each member's test loss and accuracy are
-taken (early stopping's record). With recording on, curvature (see
+member `vmap` so the window counter (and the step the optimizer sees) stays shared: the
+epoch permutation's `cond` and any optimizer's refresh branch stay branches. Each
+window ends with every member's test loss and accuracy (early stopping's record). With recording on, curvature (see
 `experiments.measures.RECORDED`) is measured at steps 0, every, 2·every, … on a fixed
 subset of the training set: a `lax.cond` on the window counter inside the one compiled
 loop, so recording costs no recompilation (docs/notes/runner_recording.md). `l2` adds
@@ -28,10 +27,9 @@ to stop the group after that window.
 
 Example:
   >>> program = make_group_program(model, lambda h: optax.sgd(h["learning_rate"]),
-  ...                              Settings(steps=1000, batch_size=128, record_every=100),
-  ...                              x, y, test=(x_test, y_test))
-  >>> out = program({"learning_rate": jnp.array([0.1, 0.3])}, jnp.array([0, 0]))
-  >>> out.curve.shape                  # (2 members, 10 record windows)
+  ...                              Settings(steps=1000, batch_size=128, record_every=100), x, y)
+  >>> program({"learning_rate": jnp.array([0.1, 0.3])}, jnp.array([0, 0])).curve.shape
+  (2, 10)
 """
 
 from __future__ import annotations
@@ -55,8 +53,8 @@ from experiments.measures import make_recorder
 
 RUNNING, DIVERGED, CONVERGED = 0, 1, 2
 
-# Refreshing optimizers (Shampoo, SOAP, K-FAC) branch on the global step once per group
-# when `train_step` hands it to them; older `train_step`s do not take it.
+# Refreshing optimizers (Shampoo, SOAP, K-FAC) branch once per group on the global step
+# when `train_step` takes it.
 _PASS_STEP = "step" in inspect.signature(tx.train_step).parameters
 
 
@@ -90,8 +88,7 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.loss, str) and self.loss in ("cross_entropy", "mse")
-                or callable(self.loss)):
+        if not (self.loss in ("cross_entropy", "mse") or callable(self.loss)):
             raise ValueError(f"loss must be 'cross_entropy', 'mse' or a function, got "
                              f"{self.loss!r}")
         every = self.record_every_steps
@@ -114,17 +111,17 @@ class Settings:
 
 
 class GroupOutput(NamedTuple):
+    """What a group program returns; per-window and per-record values are NaN once a
+    member stopped (test values are None without a test set, records empty without
+    recording)."""
+
     params: Any  # stacked over members
     status: jax.Array  # (M,) int
     steps: jax.Array  # (M,) steps taken
-    curve: jax.Array  # (M, R) mean mini-batch loss per record window (NaN once stopped)
-    # (M, R) test loss / accuracy at the end of each record window (NaN once stopped);
-    # None when the program was built without a test set.
-    test_loss: jax.Array | None = None
-    test_accuracy: jax.Array | None = None
-    # name -> (M, J): curvature at steps 0, every, 2·every, … (NaN where not recorded:
-    # after a member stopped); empty without recording.
-    records: dict | None = None
+    curve: jax.Array  # (M, R) mean mini-batch loss per record window
+    test_loss: jax.Array | None = None      # (M, R) at each window's end
+    test_accuracy: jax.Array | None = None  # (M, R)
+    records: dict | None = None  # name -> (M, J) at steps 0, every, 2·every, …
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,17 +201,13 @@ def _penalized_loss(loss_fn, coef, params, batch):
 
 
 def _data_loss(coef, loss, params):
-    return loss - _half_sq(coef, params)
-
-
-def _identity_loss(loss, params):
-    return loss
+    return loss if coef is None else loss - _half_sq(coef, params)
 
 
 def _objectives(p: Problem, l2) -> tuple[Callable, Callable]:
     """The loss the optimizer descends, and the map from it to the data loss."""
     if l2 is None and p.settings.l2 == 0:
-        return p.loss_fn, _identity_loss
+        return p.loss_fn, functools.partial(_data_loss, None)
     coef = float(p.settings.l2) if l2 is None else l2
     return (functools.partial(_penalized_loss, p.loss_fn, coef),
             functools.partial(_data_loss, coef))
@@ -386,8 +379,6 @@ def make_group_program(model: Model, make_optimizer: Callable[[dict], Any],
                       on_window)
     return jax.jit(functools.partial(group_program, problem))
 
-
-# ------------------------------------------------------ the member axis on devices ---
 
 def member_mesh() -> Mesh | None:
     """A one-axis mesh ("members") over every local device; None on one device."""
