@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -38,6 +39,16 @@ import jax.numpy as jnp
 import optax
 
 import transforms as tx
+
+
+# Refreshing optimizers (Shampoo, SOAP, K-FAC) branch on the global step rather than on a
+# per-member counter when `train_step` hands it to them (once it takes `step`).
+_PASS_STEP = "step" in inspect.signature(tx.train_step).parameters
+
+
+def step_kwargs(t) -> dict:
+    """`{"step": t}` for `transforms.train_step` where it accepts the global step."""
+    return {"step": t} if _PASS_STEP else {}
 
 
 class Fit(NamedTuple):
@@ -103,7 +114,8 @@ def _batch(plan: _Plan, data, perm, t):
 def _step(plan: _Plan, params, state, data, perm, k_step, t):
     return tx.train_step(plan.optimizer, plan.loss_fn, params, state,
                          _batch(plan, data, perm, t), jax.random.fold_in(k_step, t),
-                         apply_fn=plan.apply_fn, extra_args=plan.extra_args)
+                         apply_fn=plan.apply_fn, extra_args=plan.extra_args,
+                         **step_kwargs(t))
 
 
 def _python_loop(plan: _Plan, params, state, data, key, steps, record, every) -> Fit:

@@ -35,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -49,13 +48,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import landscape as ls
 import transforms as tx
+from experiments.loop import step_kwargs
 from experiments.measures import make_recorder
 
 RUNNING, DIVERGED, CONVERGED = 0, 1, 2
-
-# Refreshing optimizers (Shampoo, SOAP, K-FAC) branch once per group on the global step
-# when `train_step` takes it.
-_PASS_STEP = "step" in inspect.signature(tx.train_step).parameters
 
 
 class Model(NamedTuple):
@@ -234,10 +230,11 @@ def _step(p: Problem, opt, objective, data_loss, carry: StepCarry, t):
         pos == 0, lambda: jax.random.permutation(jax.random.fold_in(k_data, epoch), n),
         lambda: state.perm)
     idx = jax.lax.dynamic_slice_in_dim(perm, pos * batch, batch)
-    extra = {"step": t} if _PASS_STEP else {}
+    # `t` is unbatched (the window counter is shared), so a refreshing optimizer's
+    # branch on it stays one branch for the whole group.
     new_params, new_opt, loss = tx.train_step(
         opt, objective, state.params, state.opt_state, (p.x[idx], p.y[idx]),
-        jax.random.fold_in(k_step, t), apply_fn=p.model.apply_fn, **extra)
+        jax.random.fold_in(k_step, t), apply_fn=p.model.apply_fn, **step_kwargs(t))
     loss = data_loss(loss, state.params)
     active = (state.status == RUNNING) & (t < s.steps)
     finite = jnp.isfinite(loss) & (loss <= s.diverge_above) & _all_finite(new_params)

@@ -9,7 +9,9 @@ import optax
 import pytest
 
 import experiments.config as cfglib
+import experiments.loop as loop
 import landscape as ls
+import transforms as tx
 from experiments import measures, report
 from experiments.data import mnist1d
 from experiments.program import (
@@ -151,3 +153,22 @@ def test_the_measure_table_is_the_one_list_of_names():
     for table in (measures.FINAL, measures.RECORDED):
         for name, entry in table.items():
             assert entry.description and entry.label, name
+
+
+def test_the_optimizer_sees_the_shared_global_step(problem, monkeypatch):
+    # Once `train_step` takes `step` (the refreshing optimizers' branch), the program
+    # passes the unbatched scan index: one scalar per step for the whole group.
+    model, x, y, _ = problem
+    seen, real = [], tx.train_step
+
+    def train_step(*args, step=None, **kwargs):
+        jax.debug.callback(lambda s: seen.append(np.asarray(s)), step)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_PASS_STEP", True)
+    monkeypatch.setattr(tx, "train_step", train_step)
+    program = make_group_program(model, _adam, Settings(6, BATCH, 3), x, y)
+    jax.block_until_ready(program({"learning_rate": jnp.asarray([0.01, 0.02])},
+                                  jnp.asarray([0, 1], jnp.int32)))
+    assert [s.shape for s in seen] == [()] * 6
+    assert sorted(int(s) for s in seen) == list(range(6))
