@@ -27,9 +27,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+import transforms as tx  # noqa: E402
+
 from benchmarks._results import machine, median_time, write_section  # noqa: E402
 from experiments.data import mnist1d  # noqa: E402
-from experiments.train import build_model, make_group_program  # noqa: E402
+from experiments.program import Settings, make_group_program  # noqa: E402
+from experiments.train import build_model  # noqa: E402
 from transforms.shampoo import shampoo  # noqa: E402
 from transforms.soap import soap  # noqa: E402
 
@@ -48,9 +51,9 @@ def _matmul_peak(n: int = 2048) -> float:
 
 def _compare(batch: int, x, y, model) -> tuple[float, float, float]:
     """(vmapped seconds, sequential seconds, compile seconds) for one batch size."""
-    train_cfg = {"steps": STEPS, "epochs": 0, "record_every": 100, "until_train_loss": 0.0,
-                 "loss": "cross_entropy", "diverge_above": 1e9}
-    program = make_group_program(model, {"name": "sgd"}, train_cfg, batch, x, y)
+    settings = Settings(steps=STEPS, batch_size=batch, record_every=100, diverge_above=1e9)
+    program = make_group_program(model, lambda h: tx.make("sgd", **h), settings,
+                                 x, y)
     lrs = jnp.tile(jnp.array([0.01, 0.03, 0.1, 0.3], jnp.float32), 4)
     seeds = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 4)
     t0 = time.perf_counter()

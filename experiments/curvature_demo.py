@@ -21,25 +21,23 @@ from flax import nnx
 
 import landscape as ls
 from experiments.data import mnist1d
+from experiments.loop import fit
 from experiments.models import MLP, pure
 
 
-def train(apply_fn, params, x, y, *, steps: int, batch_size: int, lr: float, key):
-    opt = optax.adam(lr)
-
-    def loss_fn(p, batch):
-        return ls.cross_entropy(apply_fn(p, batch[0]), batch[1])
-
-    def step(carry, k):
-        p, s = carry
-        idx = jax.random.choice(k, x.shape[0], (batch_size,), replace=False)
-        loss, g = jax.value_and_grad(loss_fn)(p, (x[idx], y[idx]))
-        u, s = opt.update(g, s, p)
-        return (optax.apply_updates(p, u), s), loss
-
-    run = jax.jit(lambda p, keys: jax.lax.scan(step, (p, opt.init(p)), keys))
-    (params, _), losses = run(params, jax.random.split(key, steps))
-    return params, losses
+def _train(apply_fn, loss_fn, params, data, steps: int, key):
+    """Adam on mini-batches of 128 in exact epochs; returns (params, train acc, test acc)."""
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    t0 = time.perf_counter()
+    params, _, losses, _ = fit(loss_fn, params, optax.adam(1e-3), (x, y), steps=steps,
+                               batch_size=128, key=key, scan=True)
+    train_acc = float(ls.accuracy(apply_fn(params, x), y))
+    test_acc = float(ls.accuracy(apply_fn(params, jnp.asarray(data.x_test)),
+                                 jnp.asarray(data.y_test)))
+    print(f"trained {steps} Adam steps in {time.perf_counter() - t0:.1f}s: "
+          f"train loss {float(losses[-1]):.3f}, train acc {train_acc:.3f}, "
+          f"test acc {test_acc:.3f}")
+    return params, train_acc, test_acc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,19 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     key = jax.random.key(args.seed)
     apply_fn, params = pure(MLP((40, 256, 256, 10), rngs=nnx.Rngs(args.seed)))
-    t0 = time.perf_counter()
-    params, losses = train(apply_fn, params, x, y, steps=args.steps, batch_size=128,
-                           lr=1e-3, key=key)
 
     def loss_fn(p, batch):
         return ls.cross_entropy(apply_fn(p, batch[0]), batch[1])
 
-    train_acc = float(ls.accuracy(apply_fn(params, x), y))
-    test_acc = float(ls.accuracy(apply_fn(params, jnp.asarray(data.x_test)),
-                                 jnp.asarray(data.y_test)))
-    print(f"trained {args.steps} Adam steps in {time.perf_counter() - t0:.1f}s: "
-          f"train loss {float(losses[-1]):.3f}, train acc {train_acc:.3f}, "
-          f"test acc {test_acc:.3f}")
+    params, train_acc, test_acc = _train(apply_fn, loss_fn, params, data, args.steps, key)
 
     H = ls.hessian(loss_fn, params, (x, y), chunk_size=1000)
     G = ls.ggn(apply_fn, params, (x, y), chunk_size=1000)

@@ -10,33 +10,40 @@ same run directory's store, which SQLite serializes.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+import transforms as tx
 from experiments import build
 from experiments import config as cfglib
 from experiments import data as datalib
-from experiments.measure import make_measure_program
-from experiments.store import Store
-from experiments.train import (
+from experiments import interrupt
+from experiments.measures import MeasureSettings, RecordSettings, make_measure_program
+from experiments.program import (
     CONVERGED,
     DIVERGED,
-    loss_function,
+    GroupOutput,
+    Settings,
     make_group_program,
-    record_steps,
-    total_steps,
+    member_mesh,
+    padded_size,
+    shard_members,
 )
+from experiments.progress import WindowProgress
+from experiments.store import Store
+from experiments.train import build_optimizer, loss_function
 
 
 @dataclass
@@ -78,83 +85,54 @@ def _status_name(code: int, target: float) -> str:
     return "unconverged" if target > 0 else "finished"
 
 
-def _shard(tree: Any, mesh: Mesh | None) -> Any:
-    if mesh is None:
-        return tree
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("members")))
+class GroupResult(NamedTuple):
+    """What `run_group` returns; its first three fields unpack as before."""
+
+    rows: list[dict]          # one per member (see `_member_rows`)
+    seconds: float            # compile + train + measure
+    compile_seconds: float    # the group program's compilation
+    train_seconds: float      # the group program's execution
+    measure_seconds: float    # the end-of-training measures (compiled once per study)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
+def _table(cls, table: dict):
+    """A config table as the typed settings `cls` (lists become tuples)."""
+    return cls(**{f.name: tuple(table[f.name]) if isinstance(table[f.name], list)
+                  else table[f.name] for f in dataclasses.fields(cls)})
 
 
-def run_group(cfg: dict, key: str, members: list[cfglib.Member], model: build.Model,
-              train, test, progress: bool = False,
-              cache: dict | None = None) -> tuple[list[dict], float, float]:
-    """Train and measure one group; returns (member rows, seconds, compile seconds).
-
-    `cache` keeps compiled measure programs between groups: every group of a study
-    measures the same parameter shapes on the same data, so it compiles once.
-    """
-    cache = {} if cache is None else cache
-    first = members[0]
-    opt_cfg = dict(first.config["optimizer"])
-    hyper_paths = sorted({"optimizer.learning_rate"} | {
-        p for p in cfglib.vmapped_paths(cfg) if p.startswith("optimizer.")})
-    for p in hyper_paths:
-        opt_cfg.pop(p.split(".", 1)[1], None)
-    train_cfg = first.config["train"]
+def group_settings(train_cfg: dict, record_cfg: dict | None, num_train: int) -> Settings:
+    """The group program's `Settings` from the `[train]` and `[record]` tables."""
     batch_size = train_cfg["batch_size"]
+    steps = (train_cfg["epochs"] * (num_train // batch_size) if train_cfg["epochs"] > 0
+             else train_cfg["steps"])
+    record = (_table(RecordSettings, record_cfg)
+              if record_cfg is not None and record_cfg["every"] > 0 else None)
+    return Settings(steps=steps, batch_size=batch_size,
+                    record_every=train_cfg["record_every"],
+                    until_train_loss=float(train_cfg["until_train_loss"]),
+                    diverge_above=float(train_cfg["diverge_above"]), loss=train_cfg["loss"],
+                    l2=float(train_cfg.get("l2", 0.0)), record=record)
 
-    devices = jax.local_devices()
-    m = len(members)
-    padded = members + [members[-1]] * (-m % len(devices))
-    hyper = {p.split(".", 1)[1]: jnp.asarray([mb.get(p) for mb in padded], jnp.float32)
-             for p in hyper_paths}
-    seeds = jnp.asarray([mb.get("train.seed") for mb in padded], jnp.int32)
-    mesh = Mesh(np.array(devices), ("members",)) if len(devices) > 1 else None
-    hyper, seeds = _shard(hyper, mesh), _shard(seeds, mesh)
 
-    steps = total_steps(train_cfg, train[0].shape[0], batch_size)
-    bar = _progress(steps, f"batch {batch_size}", progress)
-    callback = None if bar is None else (lambda r: bar.update(
-        min(train_cfg["record_every"], steps - bar.n)))
-    record_cfg = first.config.get("record")
-    program = make_group_program(model, opt_cfg, train_cfg, batch_size, *train,
-                                 on_window=callback, test=test, record_cfg=record_cfg)
-    # A swept L2 coefficient is vmapped like the learning rate; a fixed one is a constant.
-    l2 = (_shard(jnp.asarray([mb.get("train.l2") for mb in padded], jnp.float32), mesh)
-          if "train.l2" in cfglib.vmapped_paths(cfg) else None)
-    t0 = time.perf_counter()
-    compiled = program.lower(hyper, seeds, l2).compile()
-    compile_seconds = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(hyper, seeds, l2))
-    if bar is not None:
-        bar.close()
-    measure_key = json.dumps([first.config["model"], first.config["measure"],
-                              first.config["data"], train_cfg["loss"]], sort_keys=True)
-    if measure_key not in cache:
-        loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
-        cache[measure_key] = make_measure_program(model.apply_fn, loss_fn,
-                                                  first.config["measure"], train, test)
-    measure = cache[measure_key]
-    measures = jax.device_get(measure(out.params, jax.random.key(train_cfg["seed"])))
-    seconds = time.perf_counter() - t0
+def _progress_mode(progress) -> str | None:
+    if progress in (True, "bar"):
+        return "bar"
+    return progress or None
 
+
+def _member_rows(cfg: dict, members, settings: Settings, out: GroupOutput,
+                 measures: dict) -> list[dict]:
     status, taken, curve = (np.asarray(a) for a in jax.device_get(
         (out.status, out.steps, out.curve)))
     windows = {"train_loss": curve, "test_loss": np.asarray(out.test_loss),
                "test_accuracy": np.asarray(out.test_accuracy)}
     records = {k: np.asarray(v) for k, v in jax.device_get(out.records).items()}
-    at = record_steps(train_cfg, record_cfg, train[0].shape[0], batch_size)
-    every = train_cfg["record_every"]
-    ends = [min((r + 1) * every, steps) for r in range(curve.shape[1])]
-    target = float(train_cfg["until_train_loss"])
+    at, every = settings.record_steps(), settings.record_every
+    ends = [min((r + 1) * every, settings.steps) for r in range(curve.shape[1])]
     rows = []
     for i, mb in enumerate(members):
-        name = _status_name(int(status[i]), target)
+        name = _status_name(int(status[i]), settings.until_train_loss)
         values = {k: float(v[i]) for k, v in measures.items()}
         if name == "diverged":
             values = {k: math.nan for k in values}
@@ -172,7 +150,82 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], model: build.Mo
             "point": dict(mb.point),
             "status": name, "steps": int(taken[i]), "measures": values, "curves": curves,
         })
-    return rows, seconds, compile_seconds
+    return rows
+
+
+def _group_inputs(cfg: dict, members, mesh) -> tuple[dict, jax.Array, jax.Array | None]:
+    """The vmapped values, padded to a multiple of the devices and sharded: optimizer
+    hyper-parameters, seeds, and a swept L2 coefficient (None: the fixed one)."""
+    hyper_paths = sorted({"optimizer.learning_rate"} | {
+        p for p in cfglib.vmapped_paths(cfg) if p.startswith("optimizer.")})
+    padded = members + [members[-1]] * (padded_size(len(members), mesh) - len(members))
+    hyper = {p.split(".", 1)[1]: jnp.asarray([mb.get(p) for mb in padded], jnp.float32)
+             for p in hyper_paths}
+    seeds = jnp.asarray([mb.get("train.seed") for mb in padded], jnp.int32)
+    l2 = (jnp.asarray([mb.get("train.l2") for mb in padded], jnp.float32)
+          if "train.l2" in cfglib.vmapped_paths(cfg) else None)
+    return shard_members(hyper, mesh), shard_members(seeds, mesh), shard_members(l2, mesh)
+
+
+def _measure(first, model, train, test, cache: dict, out: GroupOutput) -> dict:
+    """The end-of-training measures of every member (the program cached per study)."""
+    train_cfg = first.config["train"]
+    key = json.dumps([first.config["model"], first.config["measure"],
+                      first.config["data"], train_cfg["loss"]], sort_keys=True)
+    if key not in cache:
+        loss_fn = loss_function(model.apply_fn, train_cfg["loss"])
+        cache[key] = make_measure_program(
+            model.apply_fn, loss_fn, _table(MeasureSettings, first.config["measure"]),
+            train, test)
+    values = cache[key](out.params, jax.random.key(train_cfg["seed"]))
+    interrupt.wait(values)
+    return jax.device_get(values)
+
+
+def run_group(cfg: dict, key: str, members: list[cfglib.Member], model: build.Model,
+              train, test, progress=False, cache: dict | None = None) -> GroupResult:
+    """Train and measure one group; returns a `GroupResult` (rows, seconds, compile,
+    train and measure seconds).
+
+    `progress`: "bar" (or True) for a tqdm bar, "lines" for a line per record window
+    (when stderr is not a terminal), False for none. Ctrl-C stops the group after the
+    record window it arrives in and raises `interrupt.Interrupted`; the group is then not
+    returned (earlier groups were stored by the caller). `cache` keeps compiled measure
+    programs between groups: every group of a study measures the same parameter shapes
+    on the same data, so it compiles once.
+    """
+    cache = {} if cache is None else cache
+    first = members[0]
+    opt_cfg = dict(first.config["optimizer"])
+    for p in cfglib.vmapped_paths(cfg) + ["optimizer.learning_rate"]:
+        if p.startswith("optimizer."):
+            opt_cfg.pop(p.split(".", 1)[1], None)
+    settings = group_settings(first.config["train"], first.config.get("record"),
+                              train[0].shape[0])
+    layers = (tx.find_dense_layers(model.apply_fn, model.init(jax.random.key(0)),
+                                   train[0][:1]) if opt_cfg["name"] == "kfac" else ())
+    make_optimizer = functools.partial(build_optimizer, opt_cfg, total_steps=settings.steps,
+                                       layers=layers)
+    mesh = member_mesh()
+    hyper, seeds, l2 = _group_inputs(cfg, members, mesh)
+    report = WindowProgress(settings.steps, settings.record_every,
+                            f"batch {settings.batch_size}", _progress_mode(progress))
+    program = make_group_program(model, make_optimizer, settings, *train, test=test,
+                                 on_window=report)
+    with interrupt.catching():
+        t0 = time.perf_counter()
+        compiled = program.lower(hyper, seeds, l2).compile()
+        t1 = time.perf_counter()
+        interrupt.check()
+        out = compiled(hyper, seeds, l2)
+        interrupt.wait(out)
+        report.close()
+        t2 = time.perf_counter()
+        interrupt.check()   # stopped early: the group is unfinished, keep nothing
+        measures = _measure(first, model, train, test, cache, out)
+        t3 = time.perf_counter()
+    rows = _member_rows(cfg, members, settings, out, measures)
+    return GroupResult(rows, t3 - t0, t1 - t0, t2 - t1, t3 - t2)
 
 
 def model_for(table: dict, spec, splits: datalib.Splits) -> build.Model:
@@ -232,8 +285,8 @@ def run_sweep(cfg: dict, path: Path, *, model=None, arrays=None, progress: bool 
                 datasets[data_key] = datalib.load(first["data"], arrays)
             splits = datasets[data_key]
             net = model_for(first["model"], model, splits)
-            rows, seconds, compile_seconds = run_group(cfg, key, members, net,
-                                                       *splits[:2], progress, cache)
+            rows, seconds, compile_seconds = run_group(cfg, key, members, net, *splits[:2],
+                                                       progress, cache)[:3]
             store.write_group(key, rows, seconds, compile_seconds)
             counts = {s: sum(r["status"] == s for r in rows) for s in
                       ("converged", "finished", "unconverged", "diverged")}

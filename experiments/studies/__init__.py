@@ -18,8 +18,8 @@ claim it reproduces and cites the paper.
 Helpers for custom studies: `piece(run_dir, name, compute, log)` computes one named
 piece of `results.json` unless an earlier (interrupted) run already stored it, which is
 all `--resume` needs, and `array_piece` does the same for a pytree of arrays (trained
-parameters) in its own `.npz`; `train(...)` is a plain jitted mini-batch loop over any
-optimizer of `transforms`; `mnist1d(num_train, num_test)` gives the two splits as
+parameters) in its own `.npz`; `experiments.loop.fit` is the training loop (and
+`train_configured` runs it with a `[train]` table); `mnist1d(num_train, num_test)` gives the two splits as
 `(inputs, labels)` pairs; `check(cond, message)` raises `ConfigError` for `validate`.
 """
 
@@ -30,7 +30,9 @@ import json
 import pkgutil
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
+
+from experiments.loop import Fit, fit
 
 from experiments.schema import ConfigError
 
@@ -124,16 +126,16 @@ def check_training(cfg: dict) -> None:
         check(False, f"train: {e}")
 
 
-def train_configured(cfg: dict, loss_fn: Callable, params: Any, data: tuple) -> "Trained":
-    """`train` with the optimizer, steps, batch size and seed of the `[train]` table
-    that `check_training` checks (data order from `seed + 1`)."""
+def train_configured(cfg: dict, loss_fn: Callable, params: Any, data: tuple) -> Fit:
+    """`experiments.loop.fit` with the optimizer, steps, batch size and seed of the
+    `[train]` table that `check_training` checks (data order from `seed + 1`)."""
     import jax
     import transforms as tx
 
     tr = cfg["train"]
     opt = tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
-    return train(loss_fn, params, opt, data, steps=tr["steps"], batch_size=tr["batch_size"],
-                 key=jax.random.key(tr["seed"] + 1))
+    return fit(loss_fn, params, opt, data, steps=tr["steps"], batch_size=tr["batch_size"],
+               key=jax.random.key(tr["seed"] + 1))
 
 
 def results(run_dir: Path) -> dict:
@@ -194,44 +196,3 @@ def mnist1d(num_train: int, num_test: int) -> tuple[tuple, tuple]:
           f"1..{len(data.y_test)}; got {num_train} and {num_test}")
     return ((jnp.asarray(data.x_train[:num_train]), jnp.asarray(data.y_train[:num_train])),
             (jnp.asarray(data.x_test[:num_test]), jnp.asarray(data.y_test[:num_test])))
-
-
-class Trained(NamedTuple):
-    """`train`'s result: the final parameters and the mini-batch loss of every step."""
-
-    params: Any
-    losses: Any
-
-
-def train(loss_fn: Callable, params: Any, optimizer, data: tuple, *, steps: int,
-          batch_size: int, key, apply_fn: Callable | None = None) -> Trained:
-    """`steps` steps of `optimizer` on mini-batches of `data = (inputs, labels)`, drawn
-    in exact epochs (a fresh permutation per epoch, the last partial batch dropped),
-    through `transforms.train_step`.
-
-    One jitted step called from Python: XLA on CPU runs convolutions inside a
-    `lax.scan` loop body an order of magnitude slower than the same step on its own
-    (ResNet1D, depth 8: 0.5–0.7 s against 0.03–0.09 s per step, 2-core machine)."""
-    import jax
-    import jax.numpy as jnp
-    import transforms as tx
-
-    n = jax.tree.leaves(data)[0].shape[0]
-    check(0 < batch_size <= n, f"batch size {batch_size} must be in 1..{n}")
-    per_epoch = n // batch_size
-    k_data, k_step = jax.random.split(key)
-
-    @jax.jit
-    def step(params, state, data, perm, t):
-        idx = jax.lax.dynamic_slice_in_dim(perm, (t % per_epoch) * batch_size, batch_size)
-        batch = jax.tree.map(lambda a: a[idx], data)
-        return tx.train_step(optimizer, loss_fn, params, state, batch,
-                             jax.random.fold_in(k_step, t), apply_fn=apply_fn)
-
-    state, losses, perm = optimizer.init(params), [], None
-    for t in range(steps):
-        if t % per_epoch == 0:
-            perm = jax.random.permutation(jax.random.fold_in(k_data, t // per_epoch), n)
-        params, state, loss = step(params, state, data, perm, jnp.asarray(t))
-        losses.append(loss)
-    return Trained(params, jnp.stack(losses) if losses else jnp.zeros((0,)))

@@ -28,9 +28,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import landscape as ls
 from experiments import studies
+from experiments.loop import fit
 
 NAME = "plateaus"
 SWEEP = False
@@ -133,16 +135,9 @@ def train(cfg: dict, depth: int, init: str = "decoupled") -> dict:
         m = product(p)
         return loss_fn(p, batch), jnp.einsum("ia,ij,ja->a", vv, m, uu)
 
-    def chunk(p, _):
-        p = jax.lax.fori_loop(0, every, lambda i, q: jax.tree.map(
-            lambda a, g: a - lr * g, q, jax.grad(loss_fn)(q, batch)), p)
-        return p, record(p)
-
-    run = jax.jit(lambda p: jax.lax.scan(chunk, p, None, length=cfg["steps"] // every))
-    _, (losses, modes) = run(layers)
-    l0, m0 = record(layers)
-    losses = np.concatenate([[float(l0)], np.asarray(losses)])
-    modes = np.concatenate([np.asarray(m0)[None], np.asarray(modes)])
+    out = fit(loss_fn, layers, optax.sgd(lr), batch, steps=cfg["steps"] // every * every,
+              key=jax.random.key(0), scan=True, record=record, record_every=every)
+    losses, modes = (np.asarray(a) for a in out.records)
     steps = np.arange(len(losses)) * every
     return {"steps": steps.tolist(), "loss": losses.tolist(), "modes": modes.T.tolist(),
             "stage_times": [stage_time(steps, m, sv) for m, sv in

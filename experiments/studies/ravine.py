@@ -41,6 +41,7 @@ import numpy as np
 import landscape as ls
 import transforms as tx
 from experiments import studies
+from experiments.loop import fit
 
 NAME = "ravine"
 SWEEP = False
@@ -154,18 +155,11 @@ def trajectories(name: str, learning_rates, hyper: dict, loss_fn, batch, start, 
     `start`, one row per learning rate (vmapped), via `transforms.train_step`."""
     def one(lr):
         opt = make_optimizer(name, lr, hyper, apply_fn, start, batch)
-
-        def step(carry, t):
-            params, state = carry
-            params, state, _ = tx.train_step(opt, loss_fn, params, state, batch,
-                                             jax.random.fold_in(jax.random.key(0), t),
-                                             apply_fn=apply_fn)
-            return (params, state), (params["w"][:, 0], loss_fn(params, batch))
-
-        _, (points, losses) = jax.lax.scan(step, (start, opt.init(start)), jnp.arange(steps))
-        points = jnp.concatenate([start["w"][:, 0][None], points])
-        losses = jnp.concatenate([loss_fn(start, batch)[None], losses])
-        return points, losses
+        # Step keys fold_in(key(0), t); no optimizer of the study draws from them.
+        out = fit(loss_fn, start, opt, batch, steps=steps, key=jax.random.key(0),
+                  apply_fn=apply_fn, scan=True, record_every=1,
+                  record=lambda p: (p["w"][:, 0], loss_fn(p, batch)))
+        return out.records
 
     return jax.jit(jax.vmap(one))(jnp.asarray(learning_rates, jnp.float32))
 

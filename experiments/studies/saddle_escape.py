@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from experiments import studies
+from experiments.loop import fit
 
 
 NAME = "saddle_escape"
@@ -97,39 +100,56 @@ def _uniform_ball(key, dim, radius, dtype):
     return r * x / jnp.linalg.norm(x)
 
 
+class KickState(NamedTuple):
+    key: jax.Array        # the method's own random stream, split once per step
+    last_kick: jax.Array  # the step of the last perturbation
+    t: jax.Array          # steps taken
+
+
+def escape_optimizer(cfg: dict, method: str, key) -> optax.GradientTransformation:
+    """`method` as an optax transformation: GD (`gd`), heavy-ball momentum, GD with
+    N(0, σ²) gradient noise, or perturbed GD (Jin et al. 2017, Algorithm 1: a uniform
+    kick in the r_p-ball when ‖∇f‖ ≤ g_thres and no kick for t_thres steps; the step
+    then takes the gradient at the kicked point, through `train_step`'s `grad_fn`)."""
+    base = optax.sgd(cfg["learning_rate"],
+                     momentum=cfg["momentum"] if method == "momentum" else None)
+
+    def init(params):
+        return base.init(params), KickState(key, jnp.asarray(-10 ** 9), jnp.asarray(0))
+
+    def update(g, state, params, *, grad_fn=None, **extra):
+        inner, ks = state
+        key, k_noise, k_kick = jax.random.split(ks.key, 3)
+        kick, last = None, ks.last_kick
+        if method == "noisy_gd":
+            g = g + cfg["noise"] * jax.random.normal(k_noise, g.shape, g.dtype)
+        if method == "perturbed_gd":
+            due = ((jnp.linalg.norm(g) <= cfg["perturb_gradient"])
+                   & (ks.t - last > cfg["perturb_interval"]))
+            kick = jnp.where(due, 1.0, 0.0) * _uniform_ball(
+                k_kick, params.shape[0], cfg["perturb_radius"], params.dtype)
+            last = jnp.where(due, ks.t, last)
+            g = grad_fn(params + kick)
+        updates, inner = base.update(g, inner, params)
+        updates = updates if kick is None else kick + updates
+        return updates, (inner, KickState(key, last, ks.t + 1))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def escape_steps(cfg: dict, method: str, distances, keys) -> np.ndarray:
     """Steps to leave the ball, shape (len(distances), len(keys)); −1: not escaped within
     `max_steps`."""
-    d, lr = cfg["dim"], cfg["learning_rate"]
-    grad = jax.grad(lambda th: loss(th, cfg))
-    opt = optax.sgd(lr, momentum=cfg["momentum"] if method == "momentum" else None)
+    d = cfg["dim"]
     u0 = jnp.full((d - 1,), cfg["stable_offset"] / math.sqrt(d - 1))
 
     def one(distance, key):
         theta = jnp.concatenate([u0, distance[None]])
-
-        def step(carry, t):
-            theta, state, escaped, last_kick, key = carry
-            key, k_noise, k_kick = jax.random.split(key, 3)
-            g = grad(theta)
-            if method == "noisy_gd":
-                g = g + cfg["noise"] * jax.random.normal(k_noise, g.shape, g.dtype)
-            if method == "perturbed_gd":
-                kick = ((jnp.linalg.norm(g) <= cfg["perturb_gradient"])
-                        & (t - last_kick > cfg["perturb_interval"]))
-                theta = theta + jnp.where(kick, 1.0, 0.0) * _uniform_ball(
-                    k_kick, d, cfg["perturb_radius"], theta.dtype)
-                last_kick = jnp.where(kick, t, last_kick)
-                g = grad(theta)
-            updates, state = opt.update(g, state, theta)
-            theta = optax.apply_updates(theta, updates)
-            out = (jnp.linalg.norm(theta) >= cfg["radius"]) & (escaped < 0)
-            escaped = jnp.where(out, t + 1, escaped)
-            return (theta, state, escaped, last_kick, key), None
-
-        init = (theta, opt.init(theta), jnp.asarray(-1), jnp.asarray(-10 ** 9), key)
-        (_, _, escaped, _, _), _ = jax.lax.scan(step, init, jnp.arange(cfg["max_steps"]))
-        return escaped
+        out = fit(lambda th, batch: loss(th, cfg), theta, escape_optimizer(cfg, method, key),
+                  jnp.zeros((1,)), steps=cfg["max_steps"], key=key, scan=True,
+                  record=jnp.linalg.norm, record_every=1)
+        outside = out.records[1:] >= cfg["radius"]   # after steps 1, 2, …
+        return jnp.where(jnp.any(outside), jnp.argmax(outside) + 1, -1)
 
     fn = jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None)))
     return np.asarray(fn(jnp.asarray(distances, jnp.float32), keys))

@@ -14,7 +14,7 @@ over seeds) and lists the rest in the members table.
 
 Timing has two sources, kept apart:
 - *per step, alone*: `time_steps` compiles a `lax.scan` of 200 `transforms.train_step`
-  calls for one member on the config's model and batch size per optimizer, then times
+  calls (`experiments.loop.scanned`, mini-batches in exact epochs) for one member on the config's model and batch size per optimizer, then times
   them in round-robin rounds (median of 5, compilation excluded, no measurement). Run
   once by the report and cached in `step_times.json`.
 - *runner*: the store's `groups` table (`seconds` − `compile_seconds`) over the steps
@@ -39,6 +39,7 @@ import transforms as tx
 from experiments import studies
 from experiments.data import mnist1d, teacher_student
 from experiments.studies import _summary as S
+from experiments.loop import scanned
 from experiments.train import build_model, loss_function
 
 NAME = "shootout"
@@ -74,8 +75,9 @@ def _data(cfg: dict):
 
 
 def compiled_steps(cfg: dict, name: str, learning_rate: float, *, steps: int = 200):
-    """A compiled `lax.scan` of `steps` calls of `transforms.train_step` for optimizer
-    `name`: one member, the config's model, loss and batch size. Returns
+    """A compiled `lax.scan` of `steps` calls of `transforms.train_step` (through
+    `experiments.loop.scanned`) for optimizer `name`: one member, the config's model,
+    loss and batch size. Returns
     `(run, compile_seconds)`; `run()` executes it once and returns its seconds."""
     x, y, num_classes = _data(cfg)
     model = build_model(cfg["model"], x.shape[1], num_classes)
@@ -84,27 +86,16 @@ def compiled_steps(cfg: dict, name: str, learning_rate: float, *, steps: int = 2
     extra = ({"layers": tx.find_dense_layers(model.apply_fn, params, x[:1])}
              if name == "kfac" else {})
     opt = tx.make(name, learning_rate=learning_rate, **extra)
-    batch = cfg["train"]["batch_size"]
-    idx = jax.random.randint(jax.random.key(1), (steps, batch), 0, x.shape[0])
-
-    @jax.jit
-    def scan(params, state, key):
-        def step(carry, i):
-            p, s = carry
-            p, s, loss = tx.train_step(opt, loss_fn, p, s, (x[i], y[i]),
-                                       jax.random.fold_in(key, i[0]),
-                                       apply_fn=model.apply_fn)
-            return (p, s), loss
-        return jax.lax.scan(step, (params, state), idx)
-
+    scan = scanned(loss_fn, opt, (x, y), steps=steps, batch_size=cfg["train"]["batch_size"],
+                   apply_fn=model.apply_fn)
     state = opt.init(params)
     t0 = time.perf_counter()
-    compiled = scan.lower(params, state, jax.random.key(2)).compile()
+    compiled = scan.lower(params, state, (x, y), jax.random.key(2)).compile()
     compile_s = time.perf_counter() - t0
 
     def run() -> float:
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, state, jax.random.key(3)))
+        jax.block_until_ready(compiled(params, state, (x, y), jax.random.key(3)))
         return time.perf_counter() - t0
 
     return run, compile_s

@@ -20,7 +20,9 @@ import landscape as ls
 from experiments import config as cfglib
 from experiments.data import mnist1d, randomize_labels
 from experiments.data import load as load_data
-from experiments.train import build_model, loss_function, make_group_program
+from experiments.measures import RecordSettings
+from experiments.program import Settings
+from experiments.train import build_model, loss_function
 
 TINY = str(Path(__file__).with_name("tiny.toml"))
 L2 = 0.01
@@ -235,12 +237,10 @@ def test_recording_compiles_the_group_program_once(recorded):
 
 
 def test_a_record_interval_off_the_window_grid_is_refused():
-    cfg = cfglib.load(TINY)
-    model = build_model(cfg["model"], 40, 10)
-    x, y = jnp.zeros((64, 40)), jnp.zeros((64,), jnp.int32)
+    record = RecordSettings(every=15, measures=("lambda_max",), num_examples=8,
+                            chunk_size=8, lanczos_steps=4, probes=1, index_steps=4)
     with pytest.raises(ValueError, match="multiple of record_every"):
-        make_group_program(model, {"name": "sgd"}, cfg["train"], 16, x, y,
-                           record_cfg=dict(cfg["record"], every=15))
+        Settings(steps=40, batch_size=16, record_every=10, record=record)
 
 
 @pytest.mark.slow

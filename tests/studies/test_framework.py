@@ -8,6 +8,7 @@ import pytest
 import transforms as tx
 from experiments import config as cfglib
 from experiments import studies
+from experiments.loop import fit
 
 
 def test_piece_computes_once_and_keeps_other_pieces(tmp_path):
@@ -37,8 +38,8 @@ def test_train_full_batch_is_gradient_descent():
     x, y = _linear_problem()
     loss_fn = lambda p, b: 0.5 * jnp.mean((b[0] @ p - b[1]) ** 2)  # noqa: E731
     lr, steps = 0.1, 7
-    out = studies.train(loss_fn, jnp.zeros(3), tx.make("sgd", learning_rate=lr), (x, y),
-                        steps=steps, batch_size=len(x), key=jax.random.key(0))
+    out = fit(loss_fn, jnp.zeros(3), tx.make("sgd", learning_rate=lr), (x, y),
+              steps=steps, batch_size=len(x), key=jax.random.key(0))
     xn, yn = np.asarray(x, np.float64), np.asarray(y, np.float64)
     w, losses = np.zeros(3), []
     for _ in range(steps):
@@ -55,14 +56,13 @@ def test_train_visits_every_example_once_per_epoch():
     x, _ = _linear_problem(n=12)
     loss_fn = lambda p, b: jnp.mean(b[0] @ p)  # noqa: E731
     lr, batch = 0.5, 4
-    out = studies.train(loss_fn, jnp.zeros(3), tx.make("sgd", learning_rate=lr),
-                        (x, jnp.zeros(12)), steps=2 * 3, batch_size=batch,
-                        key=jax.random.key(3))
+    out = fit(loss_fn, jnp.zeros(3), tx.make("sgd", learning_rate=lr),
+              (x, jnp.zeros(12)), steps=2 * 3, batch_size=batch, key=jax.random.key(3))
     np.testing.assert_allclose(out.params, -lr * 2 / batch * np.asarray(x).sum(0),
                                rtol=1e-5)
-    with pytest.raises(cfglib.ConfigError, match="batch size"):
-        studies.train(loss_fn, jnp.zeros(3), tx.make("sgd", learning_rate=lr),
-                      (x, jnp.zeros(12)), steps=1, batch_size=13, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(loss_fn, jnp.zeros(3), tx.make("sgd", learning_rate=lr),
+            (x, jnp.zeros(12)), steps=1, batch_size=13, key=jax.random.key(0))
 
 
 def test_array_piece_round_trips(tmp_path):
