@@ -6,8 +6,8 @@
 """
 
 from experiments.data import ArrayData
-from experiments.run import load, run, validate
+from experiments.run import load, run, validate, write_report
 from experiments.schema import ConfigError
 from experiments.sweep import Results
 
-__all__ = ["ArrayData", "ConfigError", "Results", "load", "run", "validate"]
+__all__ = ["ArrayData", "ConfigError", "Results", "load", "run", "validate", "write_report"]

@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from experiments import config as cfglib
-from experiments.run import load, run
+from experiments import rundir
+from experiments.run import load, run, write_report
+from experiments.store import StoreError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,11 +26,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (TOML literal), e.g. --set train.steps=500")
     r.add_argument("--out", help="run directory (default runs/<name>-<time>)")
     r.add_argument("--resume", metavar="DIR", help="continue a run, skipping finished groups")
+    r.add_argument("--add", action="store_true",
+                   help="add this study's groups to an --out that holds another study")
+    r.add_argument("--yes", action="store_true",
+                   help=f"run a grid above {cfglib.MAX_MEMBERS:,} members")
     r.add_argument("--no-report", action="store_true", help="skip writing the report")
     rep = sub.add_parser("report", help="write report.md and figures for a run directory")
     rep.add_argument("dir")
     sub.add_parser("list", help="list the shipped configs")
     return p
+
+
+def _one_line(error: Exception) -> str:
+    """An error's message on one line (a stored name may carry newlines)."""
+    return " ".join(str(error).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:32s} {cfg['description']}")
             return 0
         if args.command == "report":
-            from experiments.report import write_report
-
             print(write_report(args.dir))
             return 0
         if args.resume and (args.config or args.set):
@@ -51,16 +60,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"basin: {msg}", file=sys.stderr, flush=True)
 
         results = run(args.config, overrides=args.set, out=args.out, resume=args.resume,
-                      progress=sys.stderr.isatty(), log=log)
+                      add=args.add, allow_large=args.yes,
+                      progress="bar" if sys.stderr.isatty() else "lines",
+                      log=log)
         if not args.no_report:
-            from experiments.report import write_report
-
             print(write_report(results.path))
         else:
             print(results.path)
         return 0
-    except (cfglib.ConfigError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"basin: error: {e}", file=sys.stderr)
+    except (cfglib.ConfigError, rundir.RunDirError, StoreError, FileNotFoundError,
+            NotADirectoryError, PermissionError) as e:
+        print(f"basin: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("basin: interrupted; finished groups are stored (continue with --resume)",

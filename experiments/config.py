@@ -34,7 +34,7 @@ from experiments.data import sizes as dataset_sizes
 from experiments.grid import (ALWAYS_VMAPPED, MAX_MEMBERS, SHORTHANDS, Member, axes,
                               check_sweep, expand, get_path, grid_size, group_key, groups,
                               set_path, swept_paths, sweep_keys, vmapped_paths)
-from experiments import schema
+from experiments import measures, schema
 from experiments.schema import ConfigError, as_dict, build, check, option
 
 # The grid's functions are part of this module's interface (`config.expand(cfg)`).
@@ -44,9 +44,9 @@ __all__ = ["ALWAYS_VMAPPED", "MAX_MEMBERS", "SHORTHANDS", "Config", "ConfigError
 
 DEFAULT_CONFIG = "sharpness_vs_generalization"
 
-MEASURES = ("lambda_max", "trace", "worst_case", "adaptive", "random", "keskar",
-            "pac_bayes", "noise_scale")
-RECORD_MEASURES = ("lambda_max", "lambda_min", "index", "grad_norms", "noise_scale")
+# The names a config may ask for: the rows of the one table of measures.
+MEASURES = tuple(measures.FINAL)
+RECORD_MEASURES = tuple(measures.RECORDED)
 
 Activation = Literal["relu", "tanh", "gelu", "linear"]
 Positive = dict(ge=1)

@@ -6,6 +6,7 @@ import functools
 import random
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -192,9 +193,9 @@ def check_arrays(data: ArrayData, where: str = "data") -> Dataset:
         if low < 0 or high >= limit:
             raise ConfigError(f"{where}: labels must be in [0, {limit}); found "
                               f"{low if low < 0 else high}")
-    x_dtype = np.float32 if not np.issubdtype(arrays[0].dtype, np.float64) else np.float64
-    return Dataset(arrays[0].astype(x_dtype), arrays[1], arrays[2].astype(x_dtype),
-                   arrays[3])
+    # In JAX's precision: float64 and int64 stay only under `jax_enable_x64` (the group
+    # program's loop carries must keep one dtype); integer inputs stay integers (tokens).
+    return Dataset(*(a.astype(jax.dtypes.canonicalize_dtype(a.dtype)) for a in arrays))
 
 
 def read_npz(path: str) -> Dataset:

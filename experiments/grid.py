@@ -106,9 +106,9 @@ def check_sweep(cfg: dict, allow_large: bool) -> None:
         path = _path(key)
         check(path.split(".")[0] in ("data", "model", "optimizer", "train", "measure",
                                      "record"), f"sweep.{key}: unknown config key '{path}'")
-    size = math.prod(len(v) for _, v in axes(cfg))
+    size = grid_size(cfg)
     check(allow_large or size <= MAX_MEMBERS,
-          f"the grid has {size} members, above the limit of {MAX_MEMBERS}; pass --yes "
+          f"the grid has {size:,} members, above the limit of {MAX_MEMBERS:,}; pass --yes "
           "(allow_large=True) to run it")
 
 
@@ -117,7 +117,8 @@ def _path(key: str) -> str:
 
 
 def grid_size(cfg: dict) -> int:
-    return math.prod(len(v) for _, v in axes(cfg))
+    """The number of members, counted without expanding the grid (1 without a sweep)."""
+    return math.prod(len(v) for _, v in axes(cfg)) if "sweep" in cfg else 1
 
 
 def expand(cfg: dict) -> list[Member]:

@@ -6,8 +6,11 @@ quantity of Jiang et al. 2019; the loss gap is stored beside it as `gap`.
 
 from __future__ import annotations
 
+import html
+import io
 import itertools
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -16,16 +19,12 @@ from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as
 from scipy import stats
 
 from experiments import config as cfglib
-from experiments.sweep import Results
+from experiments import measures as measurelib
+from experiments import rundir
+from experiments.store import Store
 
 GAP = "accuracy_gap"
-CURVATURE = ("lambda_max", "trace", "worst_case", "adaptive", "random", "keskar",
-             "pac_bayes", "noise_scale")
-LABELS = {"lambda_max": "λ_max of the Hessian", "trace": "trace of the Hessian",
-          "worst_case": "worst-case ρ-sharpness", "adaptive": "adaptive sharpness",
-          "random": "random sharpness", "keskar": "Keskar ε-sharpness",
-          "pac_bayes": "PAC-Bayes flatness 1/σ²", "noise_scale": "gradient noise scale",
-          GAP: "generalization gap (train − test accuracy)"}
+LABELS = {**measurelib.LABELS, GAP: "generalization gap (train − test accuracy)"}
 
 
 def kendall_tau(x, y) -> float:
@@ -64,6 +63,30 @@ def _axes(cfg: dict, records: list[dict]) -> list[str]:
     return [k for k in cfglib.sweep_keys(cfg) if k != "seed" and len({r[k] for r in records}) > 1]
 
 
+def _save(fig: Figure, path: Path) -> None:
+    """PNG through `rundir.atomic_write` (a planted symlink is refused, not followed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    rundir.atomic_write(path, buf.getvalue())
+
+
+# What turns a name into markup: code, emphasis, links and images, table cells. (An
+# intraword `_` is not emphasis in CommonMark, so measure names stay readable.)
+_MARKDOWN = re.compile(r"([\\`*\[\]!|])")
+
+
+def escape(text) -> str:
+    r"""`text` as literal Markdown: HTML escaped, Markdown punctuation backslashed and
+    line breaks flattened, so a stored name can neither inject markup or a remote
+    image nor break a table row.
+
+    >>> print(escape("<img src=x>![a](http://e/x.png)"))
+    &lt;img src=x&gt;\!\[a\](http://e/x.png)
+    """
+    flat = " ".join(str(text).split())
+    return _MARKDOWN.sub(r"\\\1", html.escape(flat, quote=False))
+
+
 def _scatter(records, measures, path: Path) -> None:
     n = len(measures)
     fig = Figure(figsize=(4.2 * n, 3.6))
@@ -81,7 +104,35 @@ def _scatter(records, measures, path: Path) -> None:
             ax.set_xscale("log")
     axs[0][0].set_ylabel(LABELS[GAP])
     fig.colorbar(sc, ax=axs[0].tolist(), label="batch size")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path)
+
+
+def heatmap_cells(records: list[dict], key: str) -> tuple[np.ndarray, list[list[str]]]:
+    """The heatmap of `key` over (batch size, learning rate): the mean over the
+    non-diverged seeds of each cell, and each cell's label, which marks diverged
+    members ("diverged" if all did, "0.91 (1/2 div.)" if some did, "—" if none ran).
+
+    >>> heatmap_cells([{"batch_size": 8, "learning_rate": 0.1, "status": "diverged",
+    ...                 "test_accuracy": float("nan")}], "test_accuracy")[1]
+    [['diverged']]
+    """
+    bss = sorted({r["batch_size"] for r in records})
+    lrs = sorted({r["learning_rate"] for r in records})
+    grid = np.full((len(bss), len(lrs)), np.nan)
+    labels = [["—"] * len(lrs) for _ in bss]
+    for (i, b), (j, lr) in itertools.product(enumerate(bss), enumerate(lrs)):
+        cell = [r for r in records if r["batch_size"] == b and r["learning_rate"] == lr]
+        if not cell:
+            continue
+        diverged = sum(r["status"] == "diverged" for r in cell)
+        vals = [r[key] for r in cell if r["status"] != "diverged" and np.isfinite(r[key])]
+        if vals:
+            grid[i, j] = np.mean(vals)
+            labels[i][j] = f"{grid[i, j]:.3g}" + (
+                f"\n({diverged}/{len(cell)} div.)" if diverged else "")
+        else:
+            labels[i][j] = "diverged" if diverged else "—"
+    return grid, labels
 
 
 def _heatmaps(records, path: Path) -> bool:
@@ -94,30 +145,28 @@ def _heatmaps(records, path: Path) -> bool:
     fig = Figure(figsize=(5.4 * len(panels), 3.8))
     axs = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"wspace": 0.35})
     for ax, (key, title) in zip(axs[0], panels):
-        grid = np.full((len(bss), len(lrs)), np.nan)
-        for i, b in enumerate(bss):
-            for j, lr in enumerate(lrs):
-                vals = [r[key] for r in records if r["batch_size"] == b
-                        and r["learning_rate"] == lr and np.isfinite(r[key])]
-                if vals:
-                    grid[i, j] = np.mean(vals)
+        grid, labels = heatmap_cells(records, key)
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="magma")
         for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, "diverged" if np.isnan(v) else f"{v:.3g}", ha="center",
-                    va="center", color="w" if np.isnan(v) or v < np.nanmean(grid) else "k",
-                    fontsize=8)
+            if "div" in labels[i][j]:  # hatch the cells where members diverged
+                ax.add_patch(matplotlib.patches.Rectangle(
+                    (j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="0.6",
+                    linewidth=0))
+            # An empty (NaN) cell is blank paper: dark text; a value, the contrast colour.
+            dark = np.isnan(v) or v >= np.nanmean(grid)
+            ax.text(j, i, labels[i][j], ha="center", va="center",
+                    color="k" if dark else "w", fontsize=8)
         ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_yticks(range(len(bss)), [str(b) for b in bss])
         ax.set_xlabel("learning rate")
         ax.set_ylabel("batch size")
-        ax.set_title(f"{title} (mean over seeds)")
+        ax.set_title(f"{title} (mean over non-diverged seeds)")
         fig.colorbar(im, ax=ax)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path)
     return True
 
 
-def _curves(results: Results, records, path: Path) -> None:
-    curves = results.curves("train_loss")
+def _curves(curves: dict, records, path: Path) -> None:
     fig = Figure(figsize=(6.5, 4))
     ax = fig.subplots()
     batch = [r.get("batch_size", 0) for r in records]
@@ -134,64 +183,90 @@ def _curves(results: Results, records, path: Path) -> None:
     ax.set_title("training curves, coloured by batch size")
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
                  label="batch size")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path)
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
         return "—" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+    return escape(v)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write `report.md` and PNG figures into `run_dir`; return the report's path."""
-    from experiments import studies
+def kendall_section(records: list[dict], measures: list[str], axes: list[str]) -> list[str]:
+    """The Markdown table of Kendall τ and granulated Ψ (one column ψ per swept axis
+    that varies), or a note when fewer than two members give no ranking."""
+    lines = ["## Sharpness against the generalization gap", ""]
+    if len(records) < 2:
+        return lines + [f"Kendall τ needs ≥ 2 points; this run has {len(records)}.", ""]
+    lines += ["| " + " | ".join(["measure", "Kendall τ", "granulated Ψ"] +
+                                [f"ψ({escape(a)})" for a in axes]) + " |",
+              "|---|---|---|" + "---|" * len(axes)]
+    for m in measures:
+        psi, per = granulated_kendall(records, m, axes)
+        tau = kendall_tau([r[m] for r in records], [r[GAP] for r in records])
+        lines.append("| " + " | ".join([escape(LABELS.get(m, m)), _fmt(tau), _fmt(psi)] +
+                                       [_fmt(per[a]) for a in axes]) + " |")
+    return lines + ["", "![sharpness against gap](sharpness_vs_gap.png)", ""]
 
-    path = Path(run_dir)
-    if (path / "config.json").is_file():
-        cfg = Results(path).config
-        module = studies.get(cfg.get("study", studies.SWEEP))
-        if module is not None and not module.SWEEP:
-            lines = [f"# {cfg['name']}", "", cfg.get("description", ""), ""]
-            out = path / "report.md"
-            out.write_text("\n".join(lines + module.report(path)) + "\n")
-            return out
-    if not (path / "results.sqlite").is_file():
-        raise cfglib.ConfigError(f"{path} is not a run directory (no results.sqlite)")
-    results = Results(path)
-    cfg = results.config
-    records = results.records()
+
+def _header(cfg: dict) -> list[str]:
+    return [f"# {escape(cfg['name'])}", "", escape(cfg.get("description", "")), ""]
+
+
+def _read_run(path: Path, cfg: dict | None) -> tuple[dict, list[dict], dict]:
+    """The config, the records and the training curves of a sweep run, read without
+    writing to the store (a read-only run directory reports too)."""
+    if not (path / rundir.STORE).is_file():
+        raise cfglib.ConfigError(f"{path} is not a run directory (no {rundir.STORE})")
+    cfg = rundir.read_config(path) if cfg is None else cfg
+    with Store(path / rundir.STORE, readonly=True) as store:
+        records, curves = store.records(), store.curves("train_loss")
     if not records:
         raise cfglib.ConfigError(f"{path} has no finished groups yet")
-    measures = [m for m in CURVATURE if m in records[0]]
+    return cfg, records, curves
+
+
+def write_lines(run_dir: str | Path, cfg: dict, lines: list[str]) -> Path:
+    """Write `report.md` as the config's header followed by `lines` (a custom study's
+    report)."""
+    path = Path(run_dir)
+    rundir.check_writable(path, "write the report")
+    return rundir.atomic_write(path / "report.md", "\n".join(_header(cfg) + lines) + "\n")
+
+
+def write_sweep_report(run_dir: str | Path, cfg: dict | None = None,
+                 extra: list[str] = ()) -> Path:
+    """Write a sweep's `report.md` and PNG figures into `run_dir`, followed by `extra`
+    lines (a sweep study's own section); return the report's path. `cfg` is the run's
+    validated config (default: read unvalidated; `experiments.write_report` validates it
+    and dispatches custom studies).
+
+    Stored names are escaped (`escape`), every file is written atomically and a
+    symbolic link in its place is refused (`rundir.atomic_write`).
+    """
+    path = Path(run_dir)
+    if path.is_dir():
+        rundir.check_links(path)
+    cfg, records, curves = _read_run(path, cfg)
+    rundir.check_writable(path, "write the report")
+    measures = [m for m in measurelib.CURVATURE if m in records[0]]
     axes = _axes(cfg, records)
-    lines = [f"# {cfg['name']}", "", cfg.get("description", ""), "",
-             f"{len(records)} members; statuses: " + ", ".join(
-                 f"{s} {sum(r['status'] == s for r in records)}"
-                 for s in sorted({r['status'] for r in records})) + ".", ""]
+    lines = _header(cfg) + [f"{len(records)} members; statuses: " + ", ".join(
+        f"{s} {sum(r['status'] == s for r in records)}"
+        for s in sorted({r['status'] for r in records})) + ".", ""]
     if measures:
-        _scatter(records, measures, path / "sharpness_vs_gap.png")
-        lines += ["## Sharpness against the generalization gap", "",
-                  "| measure | Kendall τ | granulated Ψ | " +
-                  " | ".join(f"ψ({a})" for a in axes) + " |",
-                  "|---|---|---|" + "---|" * len(axes)]
-        for m in measures:
-            psi, per = granulated_kendall(records, m, axes)
-            tau = kendall_tau([r[m] for r in records], [r[GAP] for r in records])
-            lines.append(f"| {LABELS.get(m, m)} | {_fmt(tau)} | {_fmt(psi)} | " +
-                         " | ".join(_fmt(per[a]) for a in axes) + " |")
-        lines += ["", "![sharpness against gap](sharpness_vs_gap.png)", ""]
+        if len(records) >= 2:
+            _scatter(records, measures, path / "sharpness_vs_gap.png")
+        lines += kendall_section(records, measures, axes)
     if _heatmaps(records, path / "heatmaps.png"):
         lines += ["## Over batch size and learning rate", "", "![heatmaps](heatmaps.png)", ""]
-    _curves(results, records, path / "training_curves.png")
+    _curves(curves, records, path / "training_curves.png")
     lines += ["## Training", "", "![training curves](training_curves.png)", ""]
     cols = cfglib.sweep_keys(cfg) + ["status", "steps", "train_loss", "train_accuracy",
                                         "test_accuracy", GAP] + measures
-    lines += ["## Members", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["## Members", "", "| " + " | ".join(escape(c) for c in cols) + " |",
+              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in records]
-    module = studies.get(cfg.get("study", studies.SWEEP))
-    if module is not None:
-        lines += [""] + module.report(path)
-    out = path / "report.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    if extra:
+        lines += [""] + list(extra)
+    return rundir.atomic_write(path / "report.md", "\n".join(lines) + "\n")

@@ -9,16 +9,16 @@ runner never imports the studies.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from experiments import config as cfglib
-from experiments import schema, studies, sweep
+from experiments import report as reportlib
+from experiments import rundir, schema, studies, sweep
 from experiments.data import ArrayData, sizes
 from experiments.schema import ConfigError
 
-__all__ = ["load", "run", "validate"]
+__all__ = ["load", "run", "validate", "write_report"]
 
 
 def _custom(cfg: dict):
@@ -41,16 +41,18 @@ def validate(cfg: dict, *, arrays: ArrayData | None = None,
                            allow_large=allow_large)
 
 
-def load(name_or_path: str | None = None, overrides: list[str] = (), *,
+def load(name_or_path: dict | str | None = None, overrides: list[str] = (), *,
          arrays: ArrayData | None = None, allow_large: bool = False) -> dict:
-    """Read a config (a path or a shipped name), apply `key=value` overrides and
-    validate it; returns the resolved config (plain data, what `config.json` stores).
+    """Read a config (a path, a shipped name or a dict of raw tables), apply `key=value`
+    overrides and validate it; returns the resolved config (plain data, what
+    `config.json` stores).
 
     Example:
       >>> cfg = experiments.load("large_batch", ["train.steps=300"])
       >>> cfg["sweep"]
     """
-    raw = cfglib.apply_overrides(cfglib.read(name_or_path), list(overrides))
+    raw = name_or_path if isinstance(name_or_path, dict) else cfglib.read(name_or_path)
+    raw = cfglib.apply_overrides(raw, list(overrides))
     return validate(raw, arrays=arrays, allow_large=allow_large)
 
 
@@ -70,7 +72,8 @@ def _with_python_objects(cfg: dict, model: Any, data: Any) -> dict:
 def run(config: dict | str | None = None, *, model: Any = None,
         data: ArrayData | None = None, overrides: list[str] = (),
         out: str | Path | None = None, resume: str | Path | None = None,
-        progress: bool = False, log=None, allow_large: bool = False) -> sweep.Results:
+        add: bool = False, progress: bool | str = False, log=None,
+        allow_large: bool = False) -> sweep.Results:
     """Run a study and return its `Results`; the Python API under `basin run`.
 
     Args:
@@ -84,6 +87,9 @@ def run(config: dict | str | None = None, *, model: Any = None,
       out: the run directory (default `runs/<name>-<timestamp>`).
       resume: an existing run directory: finished groups are skipped (pass the same
         `model` and `data` again if the run was given Python objects).
+      add: add this sweep's groups to an `out` that holds another sweep of the same
+        study over the same keys (`basin run --add`).
+      progress: True or "bar" for progress bars, "lines" for one line per window.
       allow_large: run a grid above `config.MAX_MEMBERS` members.
 
     Example:
@@ -92,36 +98,47 @@ def run(config: dict | str | None = None, *, model: Any = None,
       >>> res.records()[0]["lambda_max"]
     """
     log = log or (lambda msg: None)
-    if resume is not None:
-        path = Path(resume)
-        stored = path / "config.json"
-        if not stored.is_file():
-            raise ConfigError(f"cannot resume: {path} holds no config.json")
-        try:
-            raw = json.loads(stored.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot resume: {stored} is damaged ({e})") from None
-        cfg = validate(raw, arrays=data, allow_large=True)
+    cfg = None
+    if resume is None:
+        raw = config if isinstance(config, dict) else cfglib.read(config)
+        cfg = load(_with_python_objects(raw, model, data), overrides, arrays=data,
+                   allow_large=allow_large)
+        if add and _custom(cfg) is not None:
+            raise rundir.RunDirError(f"--add extends a sweep; the custom study "
+                                     f"'{cfg['study']}' writes one run of its own")
+        # Everything that can fail is checked before a directory exists.
+        datasets = None if _custom(cfg) is not None else sweep.preflight(cfg, model, data)
+    with rundir.prepare(cfg, validate=lambda c: validate(c, arrays=data, allow_large=True),
+                        out=out, resume=resume, add=add, log=log) as rd:
+        if resume is not None:
+            cfg = rd.cfg
+            datasets = None if _custom(cfg) is not None else sweep.preflight(cfg, model, data)
         module = _custom(cfg)
-        datasets = None if module is not None else sweep.preflight(cfg, model, data)
-    else:
-        if isinstance(config, dict):
-            raw = cfglib.apply_overrides(config, list(overrides))
-        else:
-            raw = cfglib.apply_overrides(cfglib.read(config), list(overrides))
-        cfg = validate(_with_python_objects(raw, model, data), arrays=data,
-                       allow_large=allow_large)
-        module = _custom(cfg)
-        datasets = None if module is not None else sweep.preflight(cfg, model, data)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path(out) if out is not None else Path("runs") / f"{cfg['name']}-{stamp}"
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    if module is not None:
-        module.run(cfg, path, log)
-        return sweep.Results(path)
-    return sweep.run_sweep(cfg, path, model=model, arrays=data, progress=progress, log=log,
-                           datasets=datasets)
+        if module is not None:
+            module.run(cfg, rd.path, log)
+            return sweep.Results(rd.path)
+        return sweep.run_sweep(cfg, rd.path, model=model, arrays=data, progress=progress,
+                               log=log, datasets=datasets, mixed=rd.mixed)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `report.md` (and figures) for a run directory and return its path; the
+    Python API under `basin report`. The stored config is validated as a new one is;
+    a custom study writes its own report, a sweep study adds its section to the
+    sweep's.
+
+    Example:
+      >>> experiments.write_report(res.path).read_text()[:40]
+    """
+    path = Path(run_dir)
+    if path.is_dir():
+        rundir.check_links(path)
+    cfg = rundir.read_config(path, lambda c: validate(c, allow_large=True))
+    module = studies.get(cfg.get("study", studies.SWEEP))
+    if module is not None and not module.SWEEP:
+        return reportlib.write_lines(path, cfg, module.report(path))
+    extra = module.report(path) if module is not None else []
+    return reportlib.write_sweep_report(path, cfg, extra)
 
 
 def _legacy(module, cfg: dict) -> dict:

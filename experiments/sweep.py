@@ -29,7 +29,7 @@ import transforms as tx
 from experiments import build
 from experiments import config as cfglib
 from experiments import data as datalib
-from experiments import interrupt
+from experiments import interrupt, rundir
 from experiments.measures import MeasureSettings, RecordSettings, make_measure_program
 from experiments.program import (
     CONVERGED,
@@ -54,7 +54,7 @@ class Results:
 
     @property
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        return rundir.read_config(self.path)
 
     def records(self) -> list[dict]:
         """One dict per member: the swept values, status, steps and every measure."""
@@ -260,24 +260,24 @@ def preflight(cfg: dict, model=None, arrays=None) -> dict:
 
 
 def run_sweep(cfg: dict, path: Path, *, model=None, arrays=None, progress: bool = False,
-              log=None, datasets: dict | None = None) -> Results:
+              log=None, datasets: dict | None = None, mixed: bool = False) -> Results:
     """Train and measure a resolved sweep config's grid into run directory `path`,
-    skipping the groups its store already holds."""
+    skipping the groups its store already holds (`mixed`: the directory was extended
+    with `--add`, so groups are matched on their members' configs only)."""
     log = log or (lambda msg: None)
     groups = cfglib.groups(cfg)
     mine = list(groups.items())[jax.process_index()::jax.process_count()]
-    with Store(path / "results.sqlite") as store:
-        done = store.finished_groups()
-        todo = [(k, v) for k, v in mine if k not in done]
+    with Store(path / rundir.STORE) as store:
+        todo = rundir.pending(mine, store, mixed)
         log(f"{len(groups)} groups, {sum(len(v) for v in groups.values())} members; "
-            f"{len(groups) - len(todo)} already finished; {jax.local_device_count()} "
+            f"{len(mine) - len(todo)} already finished; {jax.local_device_count()} "
             f"local device(s)")
         bar = None
-        if progress:
+        if _progress_mode(progress) == "bar":
             bar = tqdm(total=len(todo), desc="groups", unit="group", file=sys.stderr)
         cache: dict = {}
         datasets = {} if datasets is None else datasets
-        for key, members in todo:
+        for key, members, group_hash in todo:
             # Data keys may be swept (label noise, training-set size): load per group.
             first = members[0].config
             data_key = json.dumps(first["data"], sort_keys=True)
@@ -285,9 +285,9 @@ def run_sweep(cfg: dict, path: Path, *, model=None, arrays=None, progress: bool 
                 datasets[data_key] = datalib.load(first["data"], arrays)
             splits = datasets[data_key]
             net = model_for(first["model"], model, splits)
-            rows, seconds, compile_seconds = run_group(cfg, key, members, net, *splits[:2],
-                                                       progress, cache)[:3]
-            store.write_group(key, rows, seconds, compile_seconds)
+            result = run_group(cfg, key, members, net, *splits[:2], progress, cache)
+            rows, seconds, compile_seconds = result[:3]
+            store.write_group(key, rows, seconds, compile_seconds, group_hash)
             counts = {s: sum(r["status"] == s for r in rows) for s in
                       ("converged", "finished", "unconverged", "diverged")}
             log(f"group {key}: {len(rows)} members in {seconds:.1f}s "

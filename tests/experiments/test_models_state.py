@@ -12,7 +12,8 @@ from flax import nnx
 import experiments
 import landscape as ls
 import transforms as tx
-from experiments.config import ConfigError, load
+from experiments import config as cfglib
+from experiments.config import ConfigError
 from experiments.models import (CNN1D, Transformer1D, batch_stats, population_statistics,
                                 pure)
 
@@ -192,11 +193,12 @@ def test_every_optimizer_steps_on_both_new_models(name):
 def test_the_runner_trains_and_measures_both_models(tmp_path):
     common = ["sweep.batch_size=[32]", "sweep.learning_rate=[0.05]", "sweep.seed=[0]",
               'measure.measures=["lambda_max", "trace"]']
-    for name, extra in (("cnn_bn", ["model.channels=[4, 8]"]),
-                        ("transformer", ["model.embed_dim=16", "model.num_blocks=1",
-                                         "model.patch_size=8"])):
-        res = experiments.run(TINY, out=tmp_path / name, overrides=[
-            f'model.name="{name}"', *extra, *common])
+    for table in ({"name": "cnn_bn", "channels": [4, 8]},
+                  {"name": "transformer", "embed_dim": 16, "num_blocks": 1,
+                   "patch_size": 8}):
+        name = table["name"]
+        cfg = cfglib.read(TINY) | {"model": table}
+        res = experiments.run(cfg, out=tmp_path / name, overrides=common)
         (rec,) = res.records()
         assert rec["status"] == "finished", name
         assert all(np.isfinite(rec[m]) for m in ("train_loss", "test_accuracy",
@@ -204,6 +206,7 @@ def test_the_runner_trains_and_measures_both_models(tmp_path):
         curve = [v for _, v in res.curves()[rec["member"]]]
         assert curve[-1] < curve[0], name
     with pytest.raises(ConfigError, match="num_heads"):
-        load(TINY, ['model.name="transformer"', "model.embed_dim=10", "model.num_heads=4"])
+        experiments.load(cfglib.read(TINY) | {"model": {
+            "name": "transformer", "embed_dim": 10, "num_heads": 4}})
     with pytest.raises(ConfigError, match="model.name"):
-        load(TINY, ['model.name="vit"'])
+        experiments.load(cfglib.read(TINY) | {"model": {"name": "vit"}})

@@ -182,8 +182,8 @@ def test_zipped_sweep_gives_each_optimizer_its_own_grid(arrays, tmp_path):
 
 def test_regression_with_float_targets(tmp_path):
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(80, 5)).astype(np.float32)
-    y = (x @ rng.normal(size=5)).astype(np.float32)
+    x = rng.normal(size=(80, 5))  # float64, numpy's default, as a user passes them
+    y = x @ rng.normal(size=5)
     data = experiments.ArrayData(x[:64], y[:64], x[64:], y[64:])
     cfg = {"train": {"steps": 40, "batch_size": 16, "record_every": 20, "loss": "mse"},
            "model": {"name": "mlp", "hidden": [8]}, "sweep": {"seed": [0]},

@@ -20,9 +20,8 @@ from scipy import stats
 
 import experiments
 import landscape as ls
-from experiments import config as cfglib
 from experiments.data import mnist1d
-from experiments.report import granulated_kendall, kendall_tau, write_report
+from experiments.report import granulated_kendall, kendall_tau
 from experiments.train import build_model, loss_function
 
 TINY = str(Path(__file__).with_name("tiny.toml"))
@@ -90,7 +89,7 @@ def test_same_config_and_seed_give_identical_numbers(tiny_run, tmp_path):
 
 
 def test_report_is_written_with_figures(tiny_run):
-    out = write_report(tiny_run.path)
+    out = experiments.write_report(tiny_run.path)
     text = out.read_text()
     assert "Kendall" in text and "| batch_size |" in text
     for name in ("sharpness_vs_gap.png", "heatmaps.png", "training_curves.png"):
@@ -205,7 +204,7 @@ def test_the_default_study_runs_in_full(tmp_path):
     by_batch = {b: np.mean([r["lambda_max"] for r in recs if r["batch_size"] == b])
                 for b in (16, 1024)}
     assert by_batch[1024] > by_batch[16]
-    assert write_report(res.path).is_file()
+    assert experiments.write_report(res.path).is_file()
 
 
 def test_two_processes_with_jax_distributed_share_the_groups(tiny_run, tmp_path):

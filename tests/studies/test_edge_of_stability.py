@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import experiments
-from experiments.report import write_report
 from experiments.store import Store
 from experiments.studies import edge_of_stability as eos
 
@@ -57,4 +56,4 @@ def test_sharpness_rises_to_two_over_eta_and_hovers_there(tmp_path):
         assert 0.8 < row["late_ratio"] < 1.2, row
     # The training loss still falls at the edge of stability.
     assert all(r["train_loss"] < 0.35 for r in rows)
-    assert write_report(res.path).is_file()
+    assert experiments.write_report(res.path).is_file()

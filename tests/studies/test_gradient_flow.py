@@ -5,7 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
 import pytest
 
 import landscape as ls

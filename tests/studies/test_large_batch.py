@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import experiments
-from experiments.report import write_report
 from experiments.studies import large_batch
 
 REDUCED = ["data.num_train=2000", "data.num_test=1000", "sweep.batch_size=[32, 1000]",
@@ -32,5 +31,5 @@ def test_large_batches_are_sharper_and_test_worse(tmp_path):
         vals = [r["lambda_max"] for r in records if r["batch_size"] == batch]
         assert stats[batch]["lambda_max"][0] == pytest.approx(np.mean(vals))
         assert stats[batch]["lambda_max"][1] == pytest.approx(np.std(vals, ddof=1))
-    text = write_report(res.path).read_text()
+    text = experiments.write_report(res.path).read_text()
     assert "## Large-batch gap" in text and (res.path / "large_batch.png").is_file()

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import experiments
-from experiments.report import write_report
 from experiments.studies import lr_over_batch
 
 
@@ -50,5 +49,5 @@ def test_sharpness_falls_with_lr_over_batch(tmp_path):
     flattest = max(records, key=lr_over_batch.ratio)
     sharpest = min(records, key=lr_over_batch.ratio)
     assert flattest["lambda_max"] < sharpest["lambda_max"]
-    text = write_report(res.path).read_text()
+    text = experiments.write_report(res.path).read_text()
     assert "Spearman" in text and (res.path / "lr_over_batch.png").is_file()

@@ -52,13 +52,10 @@ def test_gd_grows_like_log_inverse_distance_and_noise_escapes_the_manifold():
 
 @pytest.mark.slow
 def test_the_study_runs_and_reports(tmp_path):
-    from experiments.sweep import run
-    from experiments.report import write_report
-
-    res = run("saddle_escape", overrides=["max_steps=400", "seeds=4",
+    res = experiments.run("saddle_escape", overrides=["max_steps=400", "seeds=4",
                                           "distances=[1e-2, 1e-6]"], out=tmp_path)
     assert set(res.summary()) == set(se.METHODS)
-    text = write_report(tmp_path).read_text()
+    text = experiments.write_report(tmp_path).read_text()
     assert "| 0 |" in text and (tmp_path / "saddle_escape.png").is_file()
 
 

@@ -12,10 +12,7 @@ from experiments.studies import saddles as sd
 
 @pytest.mark.slow
 def test_index_grows_with_loss(tmp_path):
-    from experiments.report import write_report
-    from experiments.sweep import run
-
-    res = run("saddles", overrides=["checkpoints=5", "perturbations=1", "train_steps=1000",
+    res = experiments.run("saddles", overrides=["checkpoints=5", "perturbations=1", "train_steps=1000",
                                     "finder.steps=60", "finder.cg_steps=30"], out=tmp_path)
     pts = sd.points_of(res.path)
     assert len(pts) == 10
@@ -28,7 +25,7 @@ def test_index_grows_with_loss(tmp_path):
     assert stats.spearmanr(loss, index).statistic > 0.6
     # the lowest-loss point is (close to) a minimum, the highest-loss one a saddle
     assert index[int(np.argmin(loss))] < 0.01 < index[int(np.argmax(loss))]
-    assert "converged" in write_report(res.path).read_text()
+    assert "converged" in experiments.write_report(res.path).read_text()
 
 
 def test_bad_config_is_a_config_error():

@@ -9,7 +9,6 @@ import pytest
 
 import experiments
 import transforms as tx
-from experiments.report import write_report
 from experiments.studies import sam_small_data
 
 
@@ -57,5 +56,5 @@ def test_sam_finds_flatter_minima_that_test_better(tmp_path):
     assert mean(0.2, "test_accuracy") > mean(0.0, "test_accuracy")
     stats = sam_small_data.compare(records)
     assert stats[0.2]["test_accuracy"][0] == pytest.approx(mean(0.2, "test_accuracy"))
-    text = write_report(res.path).read_text()
+    text = experiments.write_report(res.path).read_text()
     assert "## SAM on small data" in text and (res.path / "sam_small_data.png").is_file()

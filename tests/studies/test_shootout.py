@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import experiments
-from experiments.report import write_report
 from experiments.studies import shootout
 
 
@@ -52,7 +51,7 @@ def test_shootout_table_on_a_reduced_budget(tmp_path):
             name = json.loads(key)["optimizer.name"]
             assert runner[name]["step"] == pytest.approx((seconds - compile_s) / steps)
 
-    text = write_report(res.path).read_text()
+    text = experiments.write_report(res.path).read_text()
     alone = json.loads((res.path / "step_times.json").read_text())
     assert set(alone) == set(best)
     assert all(0 < t["min"] <= t["step"] and t["compile"] > 0 for t in alone.values())
