@@ -1,14 +1,23 @@
-"""The `basin` command: run a study, report on a run directory, list shipped configs."""
+"""The `basin` command: run a study, report on a run directory, list shipped configs and
+optimizers, print a resolved config or the config reference."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
-from experiments import config as cfglib
-from experiments import rundir
-from experiments.run import load, run, write_report
-from experiments.store import StoreError
+# One BLAS thread per process: the group program's own threads use the cores (on a
+# small CPU, OpenBLAS's pool beside XLA's oversubscribes them). Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import transforms as tx  # noqa: E402
+
+from experiments import config as cfglib  # noqa: E402
+from experiments import rundir  # noqa: E402
+from experiments.run import load, run, write_report  # noqa: E402
+from experiments.store import StoreError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,8 +42,26 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true", help="skip writing the report")
     rep = sub.add_parser("report", help="write report.md and figures for a run directory")
     rep.add_argument("dir")
-    sub.add_parser("list", help="list the shipped configs")
+    ls_ = sub.add_parser("list", help="list the shipped configs")
+    ls_.add_argument("--optimizers", action="store_true",
+                     help="list every name `optimizer.name` accepts, with its defaults")
+    c = sub.add_parser("config", help="print a resolved config, or the config reference")
+    c.add_argument("config", nargs="?", help="config path or shipped name")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, as for run")
+    c.add_argument("--reference", action="store_true",
+                   help="print every table, key, type and default (Markdown)")
     return p
+
+
+def _list(optimizers: bool) -> None:
+    if optimizers:
+        for name, source, hyper in tx.describe():
+            defaults = ", ".join(f"{k}={v!r}" for k, v in hyper.items())
+            print(f"{name:24s} {source:14s} {defaults}")
+        return
+    for name in cfglib.list_configs():
+        print(f"{name:32s} {load(name)['description']}")
 
 
 def _one_line(error: Exception) -> str:
@@ -46,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
-            for name in cfglib.list_configs():
-                cfg = load(name)
-                print(f"{name:32s} {cfg['description']}")
+            _list(args.optimizers)
+            return 0
+        if args.command == "config":
+            if args.reference and (args.config or args.set):
+                raise cfglib.ConfigError("--reference prints the reference of every "
+                                         "config; drop the config and --set arguments")
+            print(cfglib.reference() if args.reference else
+                  json.dumps(load(args.config, args.set), indent=2))
             return 0
         if args.command == "report":
             print(write_report(args.dir))
@@ -72,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             NotADirectoryError, PermissionError) as e:
         print(f"basin: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `basin list | head`: the reader has gone; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("basin: interrupted; finished groups are stored (continue with --resume)",
               file=sys.stderr)

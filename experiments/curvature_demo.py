@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 import landscape as ls
+from landscape import plot
 from experiments.data import mnist1d
 from experiments.loop import fit
 from experiments.models import MLP, pure
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  smallest eigenvalue {summary['hessian_min']:.4g}; "
           f"trace {summary['hessian_trace']:.4g} ± {summary['hessian_trace_std_error']:.2g}")
     print(f"  Gauss-Newton top eigenvalue {summary['ggn_max']:.4g}")
-
-    from landscape import plot  # matplotlib only when drawing
 
     fig = plot.density(den, title="Hessian spectral density, MLP on MNIST-1D")
     fig.savefig(out / "hessian_density.png", dpi=120, bbox_inches="tight")

@@ -213,17 +213,31 @@ def _header(cfg: dict) -> list[str]:
     return [f"# {escape(cfg['name'])}", "", escape(cfg.get("description", "")), ""]
 
 
-def _read_run(path: Path, cfg: dict | None) -> tuple[dict, list[dict], dict]:
+def _read_run(path: Path, cfg: dict | None) -> tuple[dict, list[dict], dict, list[dict]]:
     """The config, the records and the training curves of a sweep run, read without
     writing to the store (a read-only run directory reports too)."""
     if not (path / rundir.STORE).is_file():
         raise cfglib.ConfigError(f"{path} is not a run directory (no {rundir.STORE})")
     cfg = rundir.read_config(path) if cfg is None else cfg
     with Store(path / rundir.STORE, readonly=True) as store:
-        records, curves = store.records(), store.curves("train_loss")
+        records, curves, times = store.records(), store.curves("train_loss"), store.timings()
     if not records:
         raise cfglib.ConfigError(f"{path} has no finished groups yet")
-    return cfg, records, curves
+    return cfg, records, curves, times
+
+
+def time_line(times: list[dict]) -> str:
+    """Where the groups' time went, in one line (parts a store did not keep are left
+    out)."""
+    def total(key):
+        values = [t[key] for t in times]
+        return None if any(v is None for v in values) else sum(values)
+
+    parts = [f"{name} {total(key):.1f} s" for name, key in (
+        ("compiling", "compile_seconds"), ("training", "train_seconds"),
+        ("measuring", "measure_seconds")) if total(key) is not None]
+    return (f"{len(times)} group(s) took {total('seconds') or 0:.1f} s"
+            + (f" ({', '.join(parts)})" if parts else "") + ".")
 
 
 def write_lines(run_dir: str | Path, cfg: dict, lines: list[str]) -> Path:
@@ -247,13 +261,13 @@ def write_sweep_report(run_dir: str | Path, cfg: dict | None = None,
     path = Path(run_dir)
     if path.is_dir():
         rundir.check_links(path)
-    cfg, records, curves = _read_run(path, cfg)
+    cfg, records, curves, times = _read_run(path, cfg)
     rundir.check_writable(path, "write the report")
     measures = [m for m in measurelib.CURVATURE if m in records[0]]
     axes = _axes(cfg, records)
     lines = _header(cfg) + [f"{len(records)} members; statuses: " + ", ".join(
         f"{s} {sum(r['status'] == s for r in records)}"
-        for s in sorted({r['status'] for r in records})) + ".", ""]
+        for s in sorted({r['status'] for r in records})) + ". " + time_line(times), ""]
     if measures:
         if len(records) >= 2:
             _scatter(records, measures, path / "sharpness_vs_gap.png")

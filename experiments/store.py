@@ -25,7 +25,7 @@ from typing import Any, Iterable
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS groups (
     key TEXT PRIMARY KEY, seconds REAL, compile_seconds REAL, num_members INTEGER,
-    config_hash TEXT);
+    config_hash TEXT, train_seconds REAL, measure_seconds REAL);
 CREATE TABLE IF NOT EXISTS members (
     id INTEGER PRIMARY KEY, group_key TEXT NOT NULL REFERENCES groups(key),
     point TEXT NOT NULL, status TEXT NOT NULL, steps INTEGER NOT NULL);
@@ -44,6 +44,11 @@ STATUSES = ("converged", "finished", "unconverged", "diverged")
 # Swept values whose type the report relies on (it sorts and formats them).
 INTEGER_KEYS = ("batch_size", "seed", "train.batch_size", "train.seed")
 NUMBER_KEYS = ("learning_rate", "optimizer.learning_rate")
+
+
+# Columns of `groups` that stores written by earlier versions lack; added on first write.
+LATER_COLUMNS = {"config_hash": "TEXT", "train_seconds": "REAL", "measure_seconds": "REAL"}
+TIMES = ("seconds", "compile_seconds", "train_seconds", "measure_seconds")
 
 
 class StoreError(ValueError):
@@ -140,7 +145,7 @@ class Store:
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
             if not readonly and not {"groups", "members", "measures", "curves"} <= tables:
                 self.conn.executescript(SCHEMA)
-            self._hash_column = "config_hash" in self._columns("groups")
+            self._group_columns = self._columns("groups")
         except sqlite3.Error as e:
             if self.conn is not None:
                 self.conn.close()
@@ -171,9 +176,18 @@ class Store:
     def finished_hashes(self) -> dict[str, str | None]:
         """Stored group key -> the config hash of its members (None: a store written
         before hashes were kept)."""
-        if not self._hash_column:
+        if "config_hash" not in self._group_columns:
             return {k: None for k in self.finished_groups()}
         return dict(self._query("SELECT key, config_hash FROM groups"))
+
+    def timings(self) -> list[dict]:
+        """Per stored group: its key, member count and seconds (total, compile, train,
+        measure; None where a store from an earlier version did not keep them)."""
+        cols = [c for c in TIMES if c in self._group_columns]
+        rows = self._query(f"SELECT key, num_members, {', '.join(cols)} FROM groups "
+                           "ORDER BY rowid")
+        return [{"group": k, "members": n, **{c: None for c in TIMES},
+                 **dict(zip(cols, (None if v is None else _num(v) for v in vals)))} for k, n, *vals in rows]
 
     def _free_ids(self, ids: list[int]) -> list[int]:
         """`ids` if none is taken, else the next free ids (a run directory that
@@ -187,24 +201,31 @@ class Store:
         return [top + 1 + i for i in range(len(ids))]
 
     def write_group(self, key: str, members: Iterable[dict], seconds: float,
-                    compile_seconds: float, config_hash: str | None = None) -> None:
+                    compile_seconds: float, config_hash: str | None = None,
+                    train_seconds: float | None = None,
+                    measure_seconds: float | None = None) -> None:
         """All of one group in a single transaction.
 
         Each member dict has `index`, `point` (the swept values), `status`, `steps`,
         `measures` (name → float) and `curves` (name → [(step, value), ...]).
-        `config_hash` identifies the group's members (see `rundir.group_hash`).
+        `config_hash` identifies the group's members (see `rundir.group_hash`);
+        `seconds` = compile + train + measure seconds.
         """
         members = list(members)
-        if not self._hash_column:  # a store from before the hash; reading never alters it
-            with self.conn:
-                self.conn.execute("ALTER TABLE groups ADD COLUMN config_hash TEXT")
-            self._hash_column = True
+        with self.conn:  # a store from an earlier version; reading never alters it
+            for name, kind in LATER_COLUMNS.items():
+                if name not in self._group_columns:
+                    self.conn.execute(f"ALTER TABLE groups ADD COLUMN {name} {kind}")
+        self._group_columns = self._columns("groups")
         if key in self.finished_groups():  # same key, other members (`--add`)
             key = f"{key}#{(config_hash or '')[:12]}"
         ids = self._free_ids([int(m["index"]) for m in members])
         with self.conn:  # commits on success, rolls back on any error
-            self.conn.execute("INSERT INTO groups VALUES (?, ?, ?, ?, ?)",
-                              (key, seconds, compile_seconds, len(members), config_hash))
+            self.conn.execute(
+                "INSERT INTO groups (key, seconds, compile_seconds, num_members, "
+                "config_hash, train_seconds, measure_seconds) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, seconds, compile_seconds, len(members), config_hash, train_seconds,
+                 measure_seconds))
             for mid, m in zip(ids, members):
                 self.conn.execute("INSERT INTO members VALUES (?, ?, ?, ?, ?)",
                                   (mid, key, json.dumps(m["point"], sort_keys=True),

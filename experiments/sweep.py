@@ -65,6 +65,11 @@ class Results:
         with Store(self.path / "results.sqlite") as store:
             return store.curves(name)
 
+    def timings(self) -> list[dict]:
+        """Per group: seconds in all, compiling, training and measuring."""
+        with Store(self.path / rundir.STORE) as store:
+            return store.timings()
+
     def summary(self) -> dict:
         """A custom study's results (`results.json`, see `experiments.studies`)."""
         path = self.path / "results.json"
@@ -287,7 +292,8 @@ def run_sweep(cfg: dict, path: Path, *, model=None, arrays=None, progress: bool 
             net = model_for(first["model"], model, splits)
             result = run_group(cfg, key, members, net, *splits[:2], progress, cache)
             rows, seconds, compile_seconds = result[:3]
-            store.write_group(key, rows, seconds, compile_seconds, group_hash)
+            store.write_group(key, rows, seconds, compile_seconds, group_hash,
+                              result.train_seconds, result.measure_seconds)
             counts = {s: sum(r["status"] == s for r in rows) for s in
                       ("converged", "finished", "unconverged", "diverged")}
             log(f"group {key}: {len(rows)} members in {seconds:.1f}s "

@@ -23,7 +23,9 @@ import functools
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+
 from experiments.report import Figure
 
 from experiments.studies import _summary
@@ -129,8 +131,6 @@ def _figure(rows: list[dict], s_min: float, b_noise: float, b_simple: float,
 
 
 def _noise_panel(ax, rows, train_loss, noise_scale, target, b_noise) -> None:
-    from experiments.report import matplotlib
-
     cmap = matplotlib.colormaps["viridis"]
     for k, row in enumerate(rows):
         for j, member in enumerate(row["members"]):

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.report import Figure
+from experiments.sweep import Results
+
 NAME = "edge_of_stability"
 SWEEP = True
 
@@ -29,8 +32,6 @@ def summary(run_dir: str | Path) -> list[dict]:
     half of training (`lambda_dip` at `dip_step`), its peak after that, the first step
     after the dip at which it reached 0.9·2/η (None if never), and its median over the
     second half of the records (`late_median`, also as a ratio to 2/η)."""
-    from experiments.sweep import Results
-
     res = Results(Path(run_dir))
     curves = res.curves("lambda_max")
     out = []
@@ -63,10 +64,6 @@ def summary(run_dir: str | Path) -> list[dict]:
 def figure(run_dir: str | Path, path: str | Path, dpi: int = 90) -> None:
     """λ_max against steps for each step size with its 2/η line, and the training
     loss beneath."""
-    from experiments.report import Figure
-
-    from experiments.sweep import Results
-
     res = Results(Path(run_dir))
     lams, losses = res.curves("lambda_max"), res.curves("train_loss")
     rows = summary(run_dir)

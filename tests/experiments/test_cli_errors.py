@@ -275,3 +275,13 @@ def test_yes_lets_a_large_grid_through(capsys, tmp_path, monkeypatch):
 def test_the_grid_size_is_logged_before_training(trained):
     logged = trained[1]
     assert "a grid of 1 member(s)" in logged[0] and "group" in logged[-1]
+
+
+def test_a_run_stores_where_each_groups_time_went(trained, tmp_path):
+    res = experiments.Results(_copy(trained, tmp_path))
+    (t,) = res.timings()
+    assert t["members"] == 1 and t["train_seconds"] > 0 and t["measure_seconds"] >= 0
+    parts = t["compile_seconds"] + t["train_seconds"] + t["measure_seconds"]
+    assert t["seconds"] == pytest.approx(parts, rel=1e-6)
+    text = experiments.write_report(res.path).read_text()
+    assert "1 group(s) took" in text and "training" in text

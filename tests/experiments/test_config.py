@@ -1,5 +1,6 @@
 """Config parsing, overrides, grid expansion and every user error of the CLI."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,9 @@ from pathlib import Path
 import pytest
 
 import experiments
+import transforms as tx
 from experiments import config as cfglib
+from experiments.cli import main
 
 TINY = str(Path(__file__).with_name("tiny.toml"))
 
@@ -60,7 +63,7 @@ def test_default_config_grid_and_measures_without_running_it():
     (["--set", "optimizer.rhoo=3"], "Unknown hyper-parameter(s) 'rhoo'"),
 ])
 def test_cli_user_errors_are_one_line_without_traceback(args, message, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "run", TINY, *args,
+    proc = subprocess.run(timeout=600, args=[sys.executable, "-m", "experiments.cli", "run", TINY, *args,
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -73,19 +76,33 @@ def test_cli_unreadable_and_unknown_configs(tmp_path):
     bad.write_text("name = [unclosed\n")
     for target, message in [(str(bad), "cannot read config"),
                             ("no_such_study", "no config 'no_such_study'")]:
-        proc = subprocess.run([sys.executable, "-m", "experiments.cli", "run", target],
+        proc = subprocess.run(timeout=600, args=[sys.executable, "-m", "experiments.cli", "run", target],
                               capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "report",
+    proc = subprocess.run(timeout=600, args=[sys.executable, "-m", "experiments.cli", "report",
                            str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
 
 
 def test_cli_list_names_the_shipped_configs():
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "list"],
+    proc = subprocess.run(timeout=600, args=[sys.executable, "-m", "experiments.cli", "list"],
                           capture_output=True, text=True, check=True)
     assert "sharpness_vs_generalization" in proc.stdout
+
+
+def test_cli_lists_optimizers_and_prints_configs_and_the_reference(capsys):
+    assert main(["list", "--optimizers"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [r.split()[0] for r in rows] == [n for n, _, _ in tx.describe()]
+    assert {"sam", "shampoo", "adamw", "muon"} <= {r.split()[0] for r in rows}
+    assert main(["config", "large_batch", "--set", "train.steps=7"]) == 0
+    assert json.loads(capsys.readouterr().out) == experiments.load("large_batch",
+                                                                   ["train.steps=7"])
+    assert main(["config", "--reference"]) == 0
+    assert capsys.readouterr().out == cfglib.reference() + "\n"
+    assert main(["config", "--reference", "tiny"]) == 2
+    assert "drop the config" in capsys.readouterr().err
 
 
 def test_only_optimizers_that_accept_traced_values_get_vmapped_hyperparameters():

@@ -238,12 +238,12 @@ def test_factory_from_a_config_file_on_the_cli(tmp_path):
         '[model]\nname = "python"\nfactory = "mymodels:small"\noptions = {width = 4}\n'
         '[train]\nsteps = 4\nbatch_size = 32\nrecord_every = 2\n'
         '[measure]\nnum_examples = 32\nchunk_size = 32\nlanczos_steps = 3\n')
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "run", "c.toml", "--out",
+    proc = subprocess.run(timeout=600, args=[sys.executable, "-m", "experiments.cli", "run", "c.toml", "--out",
                            "r", "--no-report"], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin",
                                "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "experiments.cli", "run", "c.toml", "--set",
+    bad = subprocess.run(timeout=600, args=[sys.executable, "-m", "experiments.cli", "run", "c.toml", "--set",
                           'model.factory="mymodels:nope"', "--out", "r2"], cwd=tmp_path,
                          capture_output=True, text=True,
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin",

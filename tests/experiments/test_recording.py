@@ -257,7 +257,7 @@ def test_records_are_the_same_on_eight_simulated_devices(recorded, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(recorded.config), *names],
                           cwd=Path(__file__).resolve().parents[2], env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sharded = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in names:

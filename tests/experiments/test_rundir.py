@@ -139,3 +139,10 @@ def test_reading_an_old_store_does_not_change_it_and_writing_adds_the_hash(tmp_p
     with Store(db) as store:
         store.write_group("k2", [row], 1.0, 0.5, "c" * 64)
         assert store.finished_hashes() == {"k": None, "k2": "c" * 64}
+        assert [t["train_seconds"] for t in store.timings()] == [None, None]
+        store.write_group("k3", [row | {"index": 8}], 3.0, 1.0, "d" * 64, 1.5, 0.5)
+        assert store.timings()[-1] == {"group": "k3", "members": 1, "seconds": 3.0,
+                                       "compile_seconds": 1.0, "train_seconds": 1.5,
+                                       "measure_seconds": 0.5}
+        assert store.timings()[0]["seconds"] == 1.0  # the old row keeps what it had
+

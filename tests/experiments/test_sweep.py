@@ -155,7 +155,7 @@ def test_eight_simulated_devices_give_the_same_numbers(tiny_run, tmp_path):
             "print(json.dumps(r.records()))")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sharded = _by_point(json.loads(proc.stdout.strip().splitlines()[-1]))
     single = _by_point(tiny_run.records())
