@@ -34,7 +34,7 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -90,15 +90,21 @@ MNIST1D_TRAIN, MNIST1D_TEST = sizes({"name": "mnist1d", "num_train": None,
 
 @dataclass(frozen=True)
 class Study:
-    """The keys every custom study's config has (a study's `Config` sets the defaults
-    of `name` and `study` to its own name)."""
+    """The keys every custom study's config has (a study's `Config` gives `name` and
+    `study` its own name as default, through `own`)."""
 
     name: str = option("", doc="names the default run directory runs/<name>-<time>")
-    description: str = ""
+    description: str = option("", doc="one line on what the study shows")
     study: str = option("", doc="the study (`basin list`)")
 
     def check(self, where):
         check_name(self.name)
+
+
+def own(study: str, key: str):
+    """The `Study` field `key` (`name` or `study`) defaulting to the study's own name."""
+    doc = {f.name: f for f in fields(Study)}[key].metadata["doc"]
+    return option(study, doc=doc)
 
 
 @dataclass(frozen=True)
@@ -214,41 +220,3 @@ def mnist1d(num_train: int, num_test: int) -> tuple[tuple, tuple]:
     return ((jnp.asarray(data.x_train[:num_train]), jnp.asarray(data.y_train[:num_train])),
             (jnp.asarray(data.x_test[:num_test]), jnp.asarray(data.y_test[:num_test])))
 
-
-# The checks of the custom studies still validated by hand (removed once each has its
-# `Config`).
-def number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def integer(x, low: int = 1) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
-def positive(x) -> bool:
-    return number(x) and x > 0
-
-
-def positive_int(table: dict, *keys: str) -> None:
-    for key in keys:
-        check(integer(table[key]), f"{key} must be a positive integer, got {table[key]!r}")
-
-
-def positive_number(table: dict, *keys: str) -> None:
-    for key in keys:
-        check(positive(table[key]), f"{key} must be a number > 0, got {table[key]!r}")
-
-
-def check_training(cfg: dict) -> None:
-    for key in ("num_train", "num_test"):
-        check(integer(cfg["data"][key]), f"data.{key} must be a positive integer")
-    tr = cfg["train"]
-    for key in ("steps", "batch_size"):
-        check(integer(tr[key]), f"train.{key} must be a positive integer, got {tr[key]!r}")
-    check(integer(tr["seed"], 0), "train.seed must be a non-negative integer")
-    check(tr["batch_size"] <= cfg["data"]["num_train"],
-          "train.batch_size must not exceed data.num_train")
-    try:
-        tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
-    except (ValueError, TypeError) as e:
-        check(False, f"train: {e}")

@@ -47,8 +47,8 @@ Activation = Literal[tuple(ACTIVATIONS)]
 class Config(studies.Study):
     """Per-layer gradient norms at initialization of plain and residual MLPs."""
 
-    name: str = NAME
-    study: str = NAME
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
     depth: int = option(20, ge=3, doc="weight layers: input layer, depth − 2 hidden, "
                         "read-out")
     width: int = option(64, ge=1)

@@ -43,8 +43,8 @@ SWEEP = False
 class Config(studies.Study):
     """Deep linear networks trained by full-batch gradient descent on a linear teacher."""
 
-    name: str = NAME
-    study: str = NAME
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
     dim: int = option(8, ge=1, doc="input, hidden and output width")
     singular_values: tuple[float, ...] = option(
         (3.0, 2.0, 1.0, 0.5), gt=0, doc="the teacher's (distinct; the others are 0)")

@@ -132,8 +132,8 @@ class Rosenbrock:
 class Config(studies.Study):
     """Optimizers across an ill-conditioned quadratic and Rosenbrock's valley."""
 
-    name: str = NAME
-    study: str = NAME
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
     optimizers: tuple[Literal[OPTIMIZERS], ...] = OPTIMIZERS
     num_learning_rates: int = option(12, ge=1, doc="log grid per optimizer; the best "
                                      "rate is drawn")

@@ -75,8 +75,8 @@ class Measure:
 class Config(studies.Study):
     """A trained ReLU MLP on MNIST-1D, rescaled by each α and measured."""
 
-    name: str = NAME
-    study: str = NAME
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
     data: studies.MNIST1D = None
     model: Model = None
     train: studies.Train = None

@@ -43,8 +43,8 @@ class Config(studies.Study):
     """f(u, v) = ½ a ‖u‖² − ½ μ v² + q v⁴ from starts at distances δ from its stable
     manifold, escape steps per method."""
 
-    name: str = NAME
-    study: str = NAME
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
     dim: int = option(10, ge=2, doc="d: d − 1 stable coordinates and one unstable")
     stable_curvature: float = option(1.0, gt=0, doc="a")
     unstable_curvature: float = option(1.0, gt=0, doc="μ (the Hessian's negative "

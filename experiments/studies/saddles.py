@@ -55,8 +55,8 @@ class Config(studies.Study):
     """Critical points of a small tanh MLP found from points along its training
     trajectory."""
 
-    name: str = NAME
-    study: str = NAME
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
     num_examples: int = option(256, ge=1, le=studies.MNIST1D_TRAIN,
                                doc="MNIST-1D training examples (standardized inputs)")
     hidden: int = option(10, ge=1)

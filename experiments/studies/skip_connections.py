@@ -81,8 +81,8 @@ class Config(studies.Study):
     """A 1-D ResNet on MNIST-1D trained with and without its skips; surfaces and
     curvature."""
 
-    name: str = NAME
-    study: str = NAME
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
     data: studies.MNIST1D = None
     model: Model = None
     train: Train = None
