@@ -40,8 +40,12 @@ from types import ModuleType
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
 import transforms as tx
 from experiments.config import check_name
+from experiments.data import mnist1d as generate
 from experiments.data import sizes
 from experiments.loop import Fit, fit
 from experiments.schema import ConfigError, check, fail, option
@@ -186,10 +190,6 @@ def array_piece(run_dir: Path, name: str, compute: Callable[[], Any], like: Any,
                 log=None) -> Any:
     """Like `piece` for a pytree of arrays shaped like `like`, kept in
     `run_dir/<name>.npz` (leaves in `jax.tree.leaves` order)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     path = Path(run_dir) / f"{name}.npz"
     leaves, treedef = jax.tree.flatten(like)
     if path.is_file():
@@ -209,10 +209,6 @@ def array_piece(run_dir: Path, name: str, compute: Callable[[], Any], like: Any,
 def mnist1d(num_train: int, num_test: int) -> tuple[tuple, tuple]:
     """The first `num_train` / `num_test` examples of MNIST-1D's splits (generated
     locally), as `(inputs, labels)` pairs of jax arrays."""
-    import jax.numpy as jnp
-
-    from experiments.data import mnist1d as generate
-
     data = generate()
     check(0 < num_train <= len(data.y_train) and 0 < num_test <= len(data.y_test),
           f"data.num_train must be in 1..{len(data.y_train)} and data.num_test in "

@@ -33,6 +33,8 @@ import numpy as np
 
 import landscape as ls
 from experiments import studies
+from experiments.data import mnist1d
+from experiments.report import Figure
 from experiments.schema import option
 
 NAME = "gradient_flow"
@@ -96,8 +98,6 @@ def apply(params, x, activation: str, skip: bool, alpha: float, offsets=None):
 
 
 def data(cfg: dict):
-    from experiments.data import mnist1d
-
     d = mnist1d()
     x = d.x_train[: cfg["num_examples"]]
     x = (x - x.mean(0)) / (x.std(0) + 1e-8)
@@ -152,8 +152,6 @@ def run(cfg: dict, run_dir: Path, log) -> None:
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     res = studies.results(run_dir)
     acts = cfg["activations"]

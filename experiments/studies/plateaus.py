@@ -34,6 +34,7 @@ import optax
 import landscape as ls
 from experiments import studies
 from experiments.loop import fit
+from experiments.report import Figure
 from experiments.schema import check, option
 
 NAME = "plateaus"
@@ -189,8 +190,6 @@ def run(cfg: dict, run_dir: Path, log) -> None:
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     res = studies.results(run_dir)
     sv, eps, lr = cfg["singular_values"], cfg["init_strength"], cfg["learning_rate"]

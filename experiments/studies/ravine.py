@@ -45,6 +45,7 @@ import landscape as ls
 import transforms as tx
 from experiments import studies
 from experiments.loop import fit
+from experiments.report import Figure, matplotlib
 from experiments.schema import as_dict, check, fail, option
 
 NAME = "ravine"
@@ -312,8 +313,6 @@ COLORS = {"sgd": "tab:blue", "momentum": "tab:orange", "adam": "tab:green",
 
 
 def _panel(ax, cfg, which, results):
-    from experiments.report import matplotlib
-
     loss_fn, batch, _, _ = problem(cfg, which)
     paths = [np.asarray(r["path"]) for r in results.values()]
     pts = np.concatenate(paths + [np.asarray([cfg[which]["start"]])])
@@ -348,8 +347,6 @@ def _panel(ax, cfg, which, results):
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     done = studies.load_json(Path(run_dir) / studies.RESULTS, {})
     results = {which: {n: done[f"{which}/{n}"] for n in optimizers_for(cfg, which)

@@ -37,7 +37,9 @@ import numpy as np
 
 import landscape as ls
 from experiments import studies
+from experiments.report import Figure
 from experiments.schema import check, option
+from experiments.train import build_model
 
 NAME = "reparameterization"
 SWEEP = False
@@ -99,8 +101,6 @@ class Config(studies.Study):
 
 def setup(cfg: dict):
     """`(apply_fn, loss_fn, init_params, train, test)` of the configured MLP on MNIST-1D."""
-    from experiments.train import build_model
-
     train, test = studies.mnist1d(cfg["data"]["num_train"], cfg["data"]["num_test"])
     model = build_model({"name": "mlp", "hidden": cfg["model"]["hidden"],
                          "activation": "relu"}, train[0].shape[1], 10)
@@ -229,13 +229,8 @@ def rows(run_dir: Path) -> tuple[dict, dict, list[dict]]:
     return cfg, done, sorted(measured, key=lambda r: r["alpha"])
 
 
-def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
-    cfg, done, measured = rows(run_dir)
-    if not measured or "blocks" not in done:
-        return ["No rescaling measured yet."]
-    b = done["blocks"]
+def figure(cfg: dict, b: dict, measured: list[dict], one: dict, path: Path) -> None:
+    """λ_max against α with its predictions and bounds; sharpness relative to α = 1."""
     a = np.array([r["alpha"] for r in measured])
     lam = np.array([r["lambda_max"] for r in measured])
     fig = Figure(figsize=(10.5, 4.0), layout="constrained")
@@ -256,7 +251,6 @@ def report(run_dir: Path) -> list[str]:
     ax1.set_ylabel("top Hessian eigenvalue")
     ax1.legend(fontsize=7)
     ax1.set_title("curvature of the same function")
-    one = min(measured, key=lambda r: abs(np.log(r["alpha"])))
     ax2.plot(a, [r["worst_case"] / one["worst_case"] for r in measured], "o-",
              color="tab:red", label=f"worst-case sharpness, ρ = {cfg['measure']['rho']:g}")
     ax2.plot(a, [r["adaptive"] / one["adaptive"] for r in measured], "s-",
@@ -270,8 +264,16 @@ def report(run_dir: Path) -> list[str]:
     ax2.legend(fontsize=7)
     worst = max(r["output_change"] for r in measured)
     ax2.set_title(f"outputs change by at most {worst:.1e} (relative)")
-    fig.savefig(Path(run_dir) / "reparameterization.png", dpi=90)
+    fig.savefig(path, dpi=90)
 
+
+def report(run_dir: Path) -> list[str]:
+    cfg, done, measured = rows(run_dir)
+    if not measured or "blocks" not in done:
+        return ["No rescaling measured yet."]
+    b = done["blocks"]
+    one = min(measured, key=lambda r: abs(np.log(r["alpha"])))
+    figure(cfg, b, measured, one, Path(run_dir) / "reparameterization.png")
     tr = done.get("trained", {})
     lines = ["## Rescaling a trained ReLU network", "",
              f"MLP {cfg['model']['hidden']} on MNIST-1D, {cfg['train']['steps']} steps of "

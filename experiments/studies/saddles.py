@@ -31,7 +31,9 @@ import optax
 
 import landscape as ls
 from experiments import studies
+from experiments.data import mnist1d
 from experiments.loop import fit
+from experiments.report import Figure
 from experiments.schema import option
 
 NAME = "saddles"
@@ -73,8 +75,6 @@ class Config(studies.Study):
 
 
 def data(cfg: dict):
-    from experiments.data import mnist1d
-
     d = mnist1d()
     x = d.x_train[: cfg["num_examples"]]
     x = (x - x.mean(0)) / (x.std(0) + 1e-8)
@@ -190,8 +190,6 @@ def points_of(run_dir: Path) -> list[dict]:
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     pts = points_of(run_dir)
     conv = [p for p in pts if p["converged"]]

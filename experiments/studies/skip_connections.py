@@ -30,8 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import landscape as ls
+from landscape import plot
 from experiments import studies
+from experiments.report import Figure
 from experiments.schema import check, option
+from experiments.train import build_model
 
 NAME = "skip_connections"
 SWEEP = False
@@ -100,8 +103,6 @@ class Config(studies.Study):
 
 def setup(cfg: dict, skip: bool):
     """`(apply_fn, loss_fn, init_params, train, test)` of one variant on MNIST-1D."""
-    from experiments.train import build_model
-
     train, test = studies.mnist1d(cfg["data"]["num_train"], cfg["data"]["num_test"])
     m = cfg["model"]
     model = build_model({"name": "resnet", "width": m["width"], "depth": m["depth"],
@@ -232,10 +233,6 @@ def summary(cfg: dict, done: dict) -> dict:
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
-    from landscape import plot
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     done = studies.load_json(Path(run_dir) / studies.RESULTS, {})
     rows = summary(cfg, done)
