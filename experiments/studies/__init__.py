@@ -25,8 +25,9 @@ piece of `results.json` unless an earlier (interrupted) run already stored it, w
 all `--resume` needs, and `array_piece` does the same for a pytree of arrays (trained
 parameters) in its own `.npz`; `experiments.loop.fit` is the training loop
 (`train_configured` runs it with a `Train` table); `MNIST1D` and `Train` are the
-`[data]` and `[train]` tables of a study that trains a network, and `mnist1d(num_train,
-num_test)` gives the two splits as `(inputs, labels)` pairs.
+`[data]` and `[train]` tables of a study that trains a network, `mnist1d(num_train,
+num_test)` gives the two splits as `(inputs, labels)` pairs and
+`standardized_mnist1d(num_examples)` the first training examples, standardized.
 """
 
 from __future__ import annotations
@@ -216,3 +217,11 @@ def mnist1d(num_train: int, num_test: int) -> tuple[tuple, tuple]:
     return ((jnp.asarray(data.x_train[:num_train]), jnp.asarray(data.y_train[:num_train])),
             (jnp.asarray(data.x_test[:num_test]), jnp.asarray(data.y_test[:num_test])))
 
+
+def standardized_mnist1d(num_examples: int) -> tuple:
+    """The first `num_examples` MNIST-1D training examples, each input feature
+    standardized over them, as `(inputs, labels)` jax arrays (inputs float32)."""
+    d = generate()
+    x = d.x_train[:num_examples]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
+    return jnp.asarray(x, jnp.float32), jnp.asarray(d.y_train[:num_examples])

@@ -33,7 +33,6 @@ import numpy as np
 
 import landscape as ls
 from experiments import studies
-from experiments.data import mnist1d
 from experiments.report import Figure
 from experiments.schema import option
 
@@ -97,13 +96,6 @@ def apply(params, x, activation: str, skip: bool, alpha: float, offsets=None):
             h = phi(z)
 
 
-def data(cfg: dict):
-    d = mnist1d()
-    x = d.x_train[: cfg["num_examples"]]
-    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    return jnp.asarray(x, jnp.float32), jnp.asarray(d.y_train[: cfg["num_examples"]])
-
-
 def alpha_of(cfg: dict) -> float:
     return cfg["branch_scale"] or 1.0 / math.sqrt(cfg["depth"] - 2)
 
@@ -141,7 +133,7 @@ def key_of(activation: str, gain: float, skip: bool) -> str:
 
 
 def run(cfg: dict, run_dir: Path, log) -> None:
-    batch = data(cfg)
+    batch = studies.standardized_mnist1d(cfg["num_examples"])
     for act in cfg["activations"]:
         for gain in cfg["gains"]:
             for skip in cfg["skips"]:

@@ -31,7 +31,6 @@ import optax
 
 import landscape as ls
 from experiments import studies
-from experiments.data import mnist1d
 from experiments.loop import fit
 from experiments.report import Figure
 from experiments.schema import option
@@ -72,13 +71,6 @@ class Config(studies.Study):
     perturb_scale: float = option(0.5, gt=0, doc="... θ + scale · rms(θ) · N(0, I)")
     seed: int = option(0, ge=0, le=2**32 - 1)
     finder: Finder = None
-
-
-def data(cfg: dict):
-    d = mnist1d()
-    x = d.x_train[: cfg["num_examples"]]
-    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    return jnp.asarray(x, jnp.float32), jnp.asarray(d.y_train[: cfg["num_examples"]])
 
 
 def init(key, sizes):
@@ -158,7 +150,7 @@ def find(cfg: dict, loss_fn, point, batch, tol: float) -> dict:
 
 
 def run(cfg: dict, run_dir: Path, log) -> None:
-    batch = data(cfg)
+    batch = studies.standardized_mnist1d(cfg["num_examples"])
     loss_fn = make_loss(cfg["weight_decay"])
     points, where = starts(cfg, loss_fn, batch)
     tol = tolerance(cfg, loss_fn, batch)

@@ -8,6 +8,7 @@ from scipy import stats
 
 import experiments
 from experiments import config as cfglib
+from experiments import studies
 from experiments.studies import saddles as sd
 
 
@@ -41,7 +42,7 @@ def test_starts_follow_plain_gradient_descent():
     here, θ ← θ − η ∇L(θ), at every checkpoint; perturbed starts sit around them."""
     cfg = experiments.load("saddles", ["num_examples=32", "hidden=4", "train_steps=30",
                                        "checkpoints=4", "perturbations=1"])
-    batch = sd.data(cfg)
+    batch = studies.standardized_mnist1d(cfg["num_examples"])
     loss_fn = sd.make_loss(cfg["weight_decay"])
     points, where = sd.starts(cfg, loss_fn, batch)
     keep = sd.checkpoint_steps(cfg)
