@@ -351,10 +351,14 @@ def check_optimizer(table: dict) -> None:
         raise ConfigError(f"optimizer: {str(e).splitlines()[0]}") from None
 
 
-def reference() -> str:
-    """The sweep config's reference (every table, key, type, default and limit) as
-    Markdown, generated from the tables above: what `basin config --reference` prints."""
+def reference(custom: dict[str, type] | None = None) -> str:
+    """The config reference (every table, key, type, default and limit) as Markdown,
+    generated from the tables above: what `basin config --reference` prints. `custom`
+    maps each custom study's name to its `Config` table (`experiments.studies.tables()`;
+    the runner never imports the studies), each documented in a section of its own."""
     lines = ["# Config reference", "",
-             "Generated from the tables of `experiments.config`; a study's TOML overrides "
-             "these defaults.", ""]
-    return "\n".join(lines + schema.reference(Config)).rstrip() + "\n"
+             "Generated from the config tables; a study's TOML overrides these defaults.",
+             "", "## Sweep studies", ""] + schema.reference(Config)
+    for name, table in (custom or {}).items():
+        lines += [f"## Study `{name}`", ""] + schema.reference(table)
+    return "\n".join(lines).rstrip() + "\n"

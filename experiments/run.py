@@ -33,10 +33,8 @@ def validate(cfg: dict, *, arrays: ArrayData | None = None,
     if not isinstance(cfg, dict):
         raise ConfigError(f"a config is a table, got {type(cfg).__name__}")
     module = _custom(cfg)
-    if module is not None and hasattr(module, "Config"):
-        return schema.as_dict(schema.build(module.Config, cfg))
     if module is not None:
-        return _legacy(module, cfg)
+        return schema.as_dict(schema.build(module.Config, cfg))
     return cfglib.validate(cfg, data_sizes=lambda table: sizes(table, arrays),
                            allow_large=allow_large)
 
@@ -140,24 +138,3 @@ def write_report(run_dir: str | Path) -> Path:
     extra = module.report(path) if module is not None else []
     return reportlib.write_sweep_report(path, cfg, extra)
 
-
-def _legacy(module, cfg: dict) -> dict:
-    """A custom study still described by a DEFAULTS dict and a validate function
-    (until each has its `Config` table)."""
-    base = {"name": module.NAME, "description": "", "study": module.NAME,
-            **module.DEFAULTS}
-    merged = _merge(base, cfg)
-    module.validate(merged)
-    return merged
-
-
-def _merge(base: dict, update: dict, where: str = "") -> dict:
-    out = json.loads(json.dumps(base))
-    for key, value in update.items():
-        if key not in out:
-            raise ConfigError(f"unknown config key '{where}{key}'")
-        if isinstance(value, dict) and isinstance(out[key], dict):
-            out[key] = _merge(out[key], value, f"{where}{key}.")
-        else:
-            out[key] = value
-    return out

@@ -6,9 +6,14 @@ A config names its study with the top-level key `study`. Two shapes exist:
   `[data]`, `[model]`, `[optimizer]`, `[train]`, `[measure]`, `[sweep]` tables) that the
   runner trains and measures as usual; the module adds `report(run_dir) -> list[str]`,
   markdown lines (and figures it saves in `run_dir`) appended to the generic report.
-- a **custom study** (`SWEEP = False`): the module owns its config tables (`DEFAULTS`,
-  merged under the file; unknown keys are errors), checks them in `validate(cfg)`,
-  computes in `run(cfg, run_dir, log)` (storing what it finished as it goes, so an
+- a **custom study** (`SWEEP = False`): the module's `Config` is a frozen dataclass
+  built on `Study` (the keys `name`, `description`, `study`) whose fields, and nested
+  table dataclasses, hold every key's type, default, limits and docs in the vocabulary
+  of `experiments.schema` (cross-field checks in a `check(where)` method). The shipped
+  TOML gives only the values that differ from those defaults. `experiments.load`
+  resolves a config against `Config` (an unknown key, a wrong type or a bad value is a
+  one-line `ConfigError` naming the key), and the module computes from the resolved
+  dict in `run(cfg, run_dir, log)` (storing what it finished as it goes, so an
   interrupted run keeps it), and writes its figures and markdown in
   `report(run_dir) -> list[str]`.
 
@@ -18,9 +23,11 @@ claim it reproduces and cites the paper.
 Helpers for custom studies: `piece(run_dir, name, compute, log)` computes one named
 piece of `results.json` unless an earlier (interrupted) run already stored it, which is
 all `--resume` needs, and `array_piece` does the same for a pytree of arrays (trained
-parameters) in its own `.npz`; `experiments.loop.fit` is the training loop (and
-`train_configured` runs it with a `[train]` table); `mnist1d(num_train, num_test)` gives the two splits as
-`(inputs, labels)` pairs; `check(cond, message)` raises `ConfigError` for `validate`.
+parameters) in its own `.npz`; `experiments.loop.fit` is the training loop
+(`train_configured` runs it with a `Train` table); `MNIST1D` and `Train` are the
+`[data]` and `[train]` tables of a study that trains a network, `mnist1d(num_train,
+num_test)` gives the two splits as `(inputs, labels)` pairs and
+`standardized_mnist1d(num_examples)` the first training examples, standardized.
 """
 
 from __future__ import annotations
@@ -28,13 +35,21 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from experiments.loop import Fit, fit
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from experiments.schema import ConfigError
+import transforms as tx
+from experiments.config import check_name
+from experiments.data import mnist1d as generate
+from experiments.data import sizes
+from experiments.loop import Fit, fit
+from experiments.schema import ConfigError, check, fail, option
 
 SWEEP = "sweep"  # the default: a plain sweep with the generic report only
 
@@ -74,64 +89,77 @@ def load_json(path: Path, default=None):
 RESULTS = "results.json"
 
 
-def check(cond: bool, message: str) -> None:
-    """For a custom study's `validate`: raise `ConfigError(message)` unless `cond`."""
-    if not cond:
-        raise ConfigError(message)
+MNIST1D_TRAIN, MNIST1D_TEST = sizes({"name": "mnist1d", "num_train": None,
+                                     "num_test": None})
 
 
-def number(x) -> bool:
-    """A real number (not a bool), for `validate` checks."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+@dataclass(frozen=True)
+class Study:
+    """The keys every custom study's config has (a study's `Config` gives `name` and
+    `study` its own name as default, through `own`)."""
+
+    name: str = option("", doc="names the default run directory runs/<name>-<time>")
+    description: str = option("", doc="one line on what the study shows")
+    study: str = option("", doc="the study (`basin list`)")
+
+    def check(self, where):
+        check_name(self.name)
 
 
-def integer(x, low: int = 1) -> bool:
-    """An int (not a bool) of at least `low`, for `validate` checks."""
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+def own(study: str, key: str):
+    """The `Study` field `key` (`name` or `study`) defaulting to the study's own name."""
+    doc = {f.name: f for f in fields(Study)}[key].metadata["doc"]
+    return option(study, doc=doc)
 
 
-def positive(x) -> bool:
-    """A number > 0, for `validate` checks."""
-    return number(x) and x > 0
+@dataclass(frozen=True)
+class MNIST1D:
+    """The first examples of MNIST-1D's splits (generated locally)."""
+
+    num_train: int = option(MNIST1D_TRAIN, ge=1, le=MNIST1D_TRAIN)
+    num_test: int = option(MNIST1D_TEST, ge=1, le=MNIST1D_TEST)
 
 
-def positive_int(table: dict, *keys: str) -> None:
-    """Check that each of `keys` in a config `table` is an integer > 0."""
+@dataclass(frozen=True)
+class Train:
+    """Mini-batch training of the study's network (`experiments.loop.fit`; data order
+    from `seed + 1`)."""
+
+    optimizer: str = option("adam", doc="any name `transforms.make` knows")
+    learning_rate: float = option(1e-3, gt=0)
+    steps: int = option(800, ge=1, le=10**9)
+    batch_size: int = option(128, ge=1)
+    seed: int = option(0, ge=0, le=2**32 - 1, doc="initialization and data order")
+
+    def check(self, where):
+        try:
+            tx.make(self.optimizer, learning_rate=self.learning_rate)
+        except (ValueError, TypeError) as e:
+            fail(f"{where}.optimizer: {str(e).splitlines()[0]}")
+
+
+def check_batch(data: MNIST1D, train: Train) -> None:
+    """A `[train]` batch fits in the `[data]` training split."""
+    check(train.batch_size <= data.num_train,
+          f"train.batch_size ({train.batch_size}) must not exceed data.num_train "
+          f"({data.num_train})")
+
+
+def nonempty(table, where: str, *keys: str) -> None:
+    """Each list-valued key of `table` holds at least one value."""
     for key in keys:
-        check(integer(table[key]), f"{key} must be a positive integer, got {table[key]!r}")
+        check(len(getattr(table, key)) > 0, f"{where + '.' if where else ''}{key} must "
+                                            "not be empty")
 
 
-def positive_number(table: dict, *keys: str) -> None:
-    """Check that each of `keys` in a config `table` is a number > 0."""
-    for key in keys:
-        check(positive(table[key]), f"{key} must be a number > 0, got {table[key]!r}")
-
-
-def check_training(cfg: dict) -> None:
-    """Check the `[data]` (num_train, num_test) and `[train]` (steps, batch_size, seed,
-    optimizer, learning_rate) tables a custom study trains a network with."""
-    import transforms as tx
-
-    for key in ("num_train", "num_test"):
-        check(integer(cfg["data"][key]), f"data.{key} must be a positive integer")
-    tr = cfg["train"]
-    for key in ("steps", "batch_size"):
-        check(integer(tr[key]), f"train.{key} must be a positive integer, got {tr[key]!r}")
-    check(integer(tr["seed"], 0), "train.seed must be a non-negative integer")
-    check(tr["batch_size"] <= cfg["data"]["num_train"],
-          "train.batch_size must not exceed data.num_train")
-    try:
-        tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
-    except (ValueError, TypeError) as e:
-        check(False, f"train: {e}")
+def tables() -> dict[str, type]:
+    """Each custom study's `Config` by study name (for the config reference)."""
+    return {n: m.Config for n in names()[1:] if not (m := get(n)).SWEEP}
 
 
 def train_configured(cfg: dict, loss_fn: Callable, params: Any, data: tuple) -> Fit:
     """`experiments.loop.fit` with the optimizer, steps, batch size and seed of the
-    `[train]` table that `check_training` checks (data order from `seed + 1`)."""
-    import jax
-    import transforms as tx
-
+    config's `[train]` table (a `Train`; data order from `seed + 1`)."""
     tr = cfg["train"]
     opt = tx.make(tr["optimizer"], learning_rate=tr["learning_rate"])
     return fit(loss_fn, params, opt, data, steps=tr["steps"], batch_size=tr["batch_size"],
@@ -163,10 +191,6 @@ def array_piece(run_dir: Path, name: str, compute: Callable[[], Any], like: Any,
                 log=None) -> Any:
     """Like `piece` for a pytree of arrays shaped like `like`, kept in
     `run_dir/<name>.npz` (leaves in `jax.tree.leaves` order)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     path = Path(run_dir) / f"{name}.npz"
     leaves, treedef = jax.tree.flatten(like)
     if path.is_file():
@@ -186,13 +210,18 @@ def array_piece(run_dir: Path, name: str, compute: Callable[[], Any], like: Any,
 def mnist1d(num_train: int, num_test: int) -> tuple[tuple, tuple]:
     """The first `num_train` / `num_test` examples of MNIST-1D's splits (generated
     locally), as `(inputs, labels)` pairs of jax arrays."""
-    import jax.numpy as jnp
-
-    from experiments.data import mnist1d as generate
-
     data = generate()
     check(0 < num_train <= len(data.y_train) and 0 < num_test <= len(data.y_test),
           f"data.num_train must be in 1..{len(data.y_train)} and data.num_test in "
           f"1..{len(data.y_test)}; got {num_train} and {num_test}")
     return ((jnp.asarray(data.x_train[:num_train]), jnp.asarray(data.y_train[:num_train])),
             (jnp.asarray(data.x_test[:num_test]), jnp.asarray(data.y_test[:num_test])))
+
+
+def standardized_mnist1d(num_examples: int) -> tuple:
+    """The first `num_examples` MNIST-1D training examples, each input feature
+    standardized over them, as `(inputs, labels)` jax arrays (inputs float32)."""
+    d = generate()
+    x = d.x_train[:num_examples]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
+    return jnp.asarray(x, jnp.float32), jnp.asarray(d.y_train[:num_examples])

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,42 +33,39 @@ import numpy as np
 
 import landscape as ls
 from experiments import studies
+from experiments.report import Figure
+from experiments.schema import option
 
 NAME = "gradient_flow"
 SWEEP = False
 ACTIVATIONS = {"tanh": (jnp.tanh, 1.0), "relu": (jax.nn.relu, 2.0),
                "linear": (lambda z: z, 1.0)}  # φ and the variance-preserving c
 
-DEFAULTS = {
-    "depth": 20,              # weight layers: input layer, depth − 2 hidden, read-out
-    "width": 64,
-    "num_examples": 256,      # MNIST-1D training examples (standardized)
-    "activations": ["tanh", "relu", "linear"],
-    "gains": [0.5, 1.0, 2.0],  # × the variance-preserving standard deviation
-    "skips": [False, True],
-    "branch_scale": 0.0,      # α of the residual branch; 0 means 1/√(depth − 2)
-    "seed": 0,
-}
+Activation = Literal[tuple(ACTIVATIONS)]
 
 
-def validate(cfg: dict) -> None:
-    studies.positive_int(cfg, "width", "num_examples")
-    studies.check(isinstance(cfg["depth"], int) and cfg["depth"] >= 3,
-            f"depth must be an integer >= 3, got {cfg['depth']!r}")
-    a = cfg["activations"]
-    studies.check(isinstance(a, list) and a and all(x in ACTIVATIONS for x in a),
-            f"activations must be a non-empty list drawn from {', '.join(ACTIVATIONS)}, "
-            f"got {a!r}")
-    g = cfg["gains"]
-    studies.check(isinstance(g, list) and g and all(studies.number(x) and x > 0 for x in g),
-            f"gains must be a non-empty list of numbers > 0, got {g!r}")
-    s = cfg["skips"]
-    studies.check(isinstance(s, list) and s and all(isinstance(x, bool) for x in s),
-            f"skips must be a non-empty list of true/false, got {s!r}")
-    studies.check(studies.number(cfg["branch_scale"]) and cfg["branch_scale"] >= 0,
-            f"branch_scale must be a number >= 0, got {cfg['branch_scale']!r}")
-    studies.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
-    studies.check(cfg["num_examples"] <= 4000, "num_examples must be at most 4000 (MNIST-1D)")
+@dataclass(frozen=True)
+class Config(studies.Study):
+    """Per-layer gradient norms at initialization of plain and residual MLPs."""
+
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
+    depth: int = option(20, ge=3, doc="weight layers: input layer, depth − 2 hidden, "
+                        "read-out")
+    width: int = option(64, ge=1)
+    num_examples: int = option(256, ge=1, le=studies.MNIST1D_TRAIN,
+                               doc="MNIST-1D training examples (standardized)")
+    activations: tuple[Activation, ...] = ("tanh", "relu", "linear")
+    gains: tuple[float, ...] = option((0.5, 1.0, 2.0), gt=0,
+                                      doc="× the variance-preserving standard deviation")
+    skips: tuple[bool, ...] = (False, True)
+    branch_scale: float = option(0.0, ge=0, doc="α of the residual branch; 0 means "
+                                 "1/√(depth − 2)")
+    seed: int = option(0, ge=0, le=2**32 - 1)
+
+    def check(self, where):
+        super().check(where)
+        studies.nonempty(self, where, "activations", "gains", "skips")
 
 
 def init(key, sizes, activation: str, gain: float) -> list[dict]:
@@ -95,15 +94,6 @@ def apply(params, x, activation: str, skip: bool, alpha: float, offsets=None):
             h = h + alpha * phi(z)
         else:
             h = phi(z)
-
-
-def data(cfg: dict):
-    from experiments.data import mnist1d
-
-    d = mnist1d()
-    x = d.x_train[: cfg["num_examples"]]
-    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    return jnp.asarray(x, jnp.float32), jnp.asarray(d.y_train[: cfg["num_examples"]])
 
 
 def alpha_of(cfg: dict) -> float:
@@ -143,7 +133,7 @@ def key_of(activation: str, gain: float, skip: bool) -> str:
 
 
 def run(cfg: dict, run_dir: Path, log) -> None:
-    batch = data(cfg)
+    batch = studies.standardized_mnist1d(cfg["num_examples"])
     for act in cfg["activations"]:
         for gain in cfg["gains"]:
             for skip in cfg["skips"]:
@@ -154,10 +144,6 @@ def run(cfg: dict, run_dir: Path, log) -> None:
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
-    from experiments import studies
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     res = studies.results(run_dir)
     acts = cfg["activations"]

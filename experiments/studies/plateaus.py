@@ -23,6 +23,7 @@ marks these predicted stage times (mode α learned: u_α = s_α / 2) on the meas
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -33,42 +34,42 @@ import optax
 import landscape as ls
 from experiments import studies
 from experiments.loop import fit
+from experiments.report import Figure
+from experiments.schema import check, option
 
 NAME = "plateaus"
 SWEEP = False
 
-DEFAULTS = {
-    "dim": 8,                          # input, hidden and output width
-    "singular_values": [3.0, 2.0, 1.0, 0.5],  # the teacher's (the others are 0)
-    "num_examples": 64,
-    "depths": [1, 2, 3, 4],
-    "init_strength": 1e-3,             # ε₀: every mode's initial strength
-    "learning_rate": 0.01,
-    "steps": 6000,
-    "record_every": 5,
-    "seed": 0,
-    # also train from a random Gaussian initialization whose layers have singular values
-    # of order ε₀^{1/N} (no prediction: the modes start coupled and unequal)
-    "random_init": True,
-}
+@dataclass(frozen=True)
+class Config(studies.Study):
+    """Deep linear networks trained by full-batch gradient descent on a linear teacher."""
 
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
+    dim: int = option(8, ge=1, doc="input, hidden and output width")
+    singular_values: tuple[float, ...] = option(
+        (3.0, 2.0, 1.0, 0.5), gt=0, doc="the teacher's (distinct; the others are 0)")
+    num_examples: int = option(64, ge=1, doc="at least dim (whitened inputs)")
+    depths: tuple[int, ...] = option((1, 2, 3, 4), ge=1)
+    init_strength: float = option(1e-3, gt=0, doc="ε₀: every mode's initial strength")
+    learning_rate: float = option(0.01, gt=0)
+    steps: int = option(6000, ge=1, le=10**9)
+    record_every: int = option(5, ge=1)
+    seed: int = option(0, ge=0, le=2**32 - 1)
+    random_init: bool = option(True, doc="also train from a random Gaussian "
+                               "initialization whose layers have singular values of order "
+                               "ε₀^{1/N} (no prediction: the modes start coupled and unequal)")
 
-def validate(cfg: dict) -> None:
-    studies.positive_int(cfg, "dim", "num_examples", "steps", "record_every")
-    studies.positive_number(cfg, "init_strength", "learning_rate")
-    s = cfg["singular_values"]
-    studies.check(isinstance(s, list) and s and all(studies.number(x) and x > 0 for x in s)
-            and len(set(s)) == len(s) and len(s) <= cfg["dim"],
-            f"singular_values must be distinct numbers > 0, at most dim of them; got {s!r}")
-    studies.check(cfg["init_strength"] < min(s) / 2, "init_strength must be below half the "
-                                                "smallest singular value")
-    d = cfg["depths"]
-    studies.check(isinstance(d, list) and d and all(isinstance(x, int) and x >= 1 for x in d),
-            f"depths must be a non-empty list of integers >= 1, got {d!r}")
-    studies.check(cfg["num_examples"] >= cfg["dim"], "num_examples must be at least dim "
-                                               "(whitened inputs)")
-    studies.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
-    studies.check(isinstance(cfg["random_init"], bool), "random_init must be true or false")
+    def check(self, where):
+        super().check(where)
+        studies.nonempty(self, where, "singular_values", "depths")
+        s = self.singular_values
+        check(len(set(s)) == len(s) and len(s) <= self.dim, "singular_values must be "
+              f"distinct, at most dim ({self.dim}) of them; got {list(s)}")
+        check(self.init_strength < min(s) / 2, "init_strength must be below half the "
+                                               "smallest singular value")
+        check(self.num_examples >= self.dim, "num_examples must be at least dim (whitened "
+                                             "inputs)")
 
 
 def _orthogonal(rng, n):
@@ -189,10 +190,6 @@ def run(cfg: dict, run_dir: Path, log) -> None:
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
-    from experiments import studies
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     res = studies.results(run_dir)
     sv, eps, lr = cfg["singular_values"], cfg["init_strength"], cfg["learning_rate"]

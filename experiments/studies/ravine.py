@@ -31,8 +31,11 @@ fewest steps (or, if none does, ends lowest) is reported and drawn.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -42,42 +45,115 @@ import landscape as ls
 import transforms as tx
 from experiments import studies
 from experiments.loop import fit
+from experiments.report import Figure, matplotlib
+from experiments.schema import as_dict, check, fail, option
 
 NAME = "ravine"
 SWEEP = False
 OPTIMIZERS = ("sgd", "momentum", "adam", "lion", "shampoo", "kfac")
 PROBLEMS = ("quadratic", "rosenbrock")
 
-DEFAULTS = {
-    "optimizers": list(OPTIMIZERS),
-    "num_learning_rates": 12,
-    "quadratic": {
-        "eigenvalues": [1.0, 0.01], "angle": 30.0, "start": [-1.5, 1.5],
-        "minimum": [0.0, 0.0], "num_examples": 32, "steps": 1000, "tolerance": 1e-6,
-        # log-grid [low, high] of learning rates per optimizer
-        "learning_rates": {"sgd": [0.1, 2.0], "momentum": [0.01, 2.0],
-                           "adam": [0.003, 1.0], "lion": [0.0003, 0.1],
-                           "shampoo": [0.003, 1.0], "kfac": [0.03, 1.0]},
-    },
-    "rosenbrock": {
-        "b": 100.0, "start": [-1.2, 1.0], "steps": 10000, "tolerance": 1e-4,
-        "learning_rates": {"sgd": [1e-4, 4e-3], "momentum": [1e-5, 4e-3],
-                           "adam": [1e-3, 1.0], "lion": [1e-4, 0.03],
-                           "shampoo": [1e-3, 1.0], "kfac": [1e-3, 0.3]},
-    },
-    # hyper-parameters other than the learning rate, as `transforms.make` takes them
-    "hyper": {
-        "sgd": {},
-        "momentum": {"momentum": 0.9},
-        "adam": {"b1": 0.9, "b2": 0.999},
-        "lion": {"b1": 0.9, "b2": 0.99, "weight_decay": 0.0},
-        "shampoo": {"precondition_every": 1, "start_preconditioning_step": 1},
-        "kfac": {"damping": 1e-3, "inverse_every": 1, "decay": 0.95, "loss": "mse"},
-    },
-}
+Pair = tuple[float, ...]   # two numbers
+# Hyper-parameters other than the learning rate, as `transforms.make` takes them (a
+# config may add any other keyword of the optimizer).
+HYPER = {"sgd": {}, "momentum": {"momentum": 0.9}, "adam": {"b1": 0.9, "b2": 0.999},
+         "lion": {"b1": 0.9, "b2": 0.99, "weight_decay": 0.0},
+         "shampoo": {"precondition_every": 1, "start_preconditioning_step": 1},
+         "kfac": {"damping": 1e-3, "inverse_every": 1, "decay": 0.95, "loss": "mse"}}
 
 
-# ---------------------------------------------------------------- problems ---
+def _pairs(table, where: str, keys, low_high: bool = False) -> None:
+    what = "[low, high] with low <= high" if low_high else "two numbers"
+    for key, v in ((k, getattr(table, k)) for k in keys):
+        check(len(v) == 2 and (not low_high or v[0] <= v[1]),
+              f"{where}.{key} must be {what}, got {list(v)}")
+
+
+class _Ranges:
+    def check(self, where):
+        _pairs(self, where, OPTIMIZERS, low_high=True)
+
+
+def _table(name: str, doc: str, defaults: dict, ranges: bool = False) -> type:
+    """A frozen table with a key per entry of `defaults`, typed by its default: the
+    learning-rate ranges per optimizer, or one optimizer's (open) hyper-parameters."""
+    meta = {"gt": 0} if ranges else {}
+    fields = [(k, Pair if isinstance(v, tuple) else type(v),
+               dataclasses.field(default=v, metadata=meta)) for k, v in defaults.items()]
+    return dataclasses.make_dataclass(name, fields, bases=(_Ranges,) if ranges else (),
+                                      frozen=True, namespace={"__doc__": doc,
+                                                              "OPEN": not ranges})
+
+
+RATES = "Log-grid [low, high] of learning rates per optimizer."
+QuadraticRates = _table("QuadraticRates", RATES, dict(
+    sgd=(0.1, 2.0), momentum=(0.01, 2.0), adam=(0.003, 1.0), lion=(0.0003, 0.1),
+    shampoo=(0.003, 1.0), kfac=(0.03, 1.0)), ranges=True)
+RosenbrockRates = _table("RosenbrockRates", RATES, dict(
+    sgd=(1e-4, 4e-3), momentum=(1e-5, 4e-3), adam=(1e-3, 1.0), lion=(1e-4, 0.03),
+    shampoo=(1e-3, 1.0), kfac=(1e-3, 0.3)), ranges=True)
+Hyper = dataclasses.make_dataclass(
+    "Hyper", [(n, _table(n, f"`{n}`'s hyper-parameters (any keyword of the optimizer).",
+                         d), None) for n, d in HYPER.items()],
+    frozen=True, namespace={"__doc__": "Hyper-parameters other than the learning rate."})
+
+
+@dataclass(frozen=True)
+class Quadratic:
+    """Least squares on a linear model whose inputs satisfy xᵀx / n = A exactly."""
+
+    eigenvalues: Pair = option((1.0, 0.01), gt=0, doc="of A (condition number 100)")
+    angle: float = option(30.0, doc="degrees: the valley is not aligned with the axes")
+    start: Pair = (-1.5, 1.5)
+    minimum: Pair = (0.0, 0.0)
+    num_examples: int = option(32, ge=2)
+    steps: int = option(1000, ge=1, le=10**7)
+    tolerance: float = option(1e-6, gt=0)
+    learning_rates: QuadraticRates = None
+
+    def check(self, where):
+        _pairs(self, where, ("eigenvalues", "start", "minimum"))
+
+
+@dataclass(frozen=True)
+class Rosenbrock:
+    """(1 − u)² + b (v − u²)², minimum 0 at (1, 1)."""
+
+    b: float = option(100.0, gt=0)
+    start: Pair = (-1.2, 1.0)
+    steps: int = option(10000, ge=1, le=10**7)
+    tolerance: float = option(1e-4, gt=0)
+    learning_rates: RosenbrockRates = None
+
+    def check(self, where):
+        _pairs(self, where, ("start",))
+
+
+@dataclass(frozen=True)
+class Config(studies.Study):
+    """Optimizers across an ill-conditioned quadratic and Rosenbrock's valley."""
+
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
+    optimizers: tuple[Literal[OPTIMIZERS], ...] = OPTIMIZERS
+    num_learning_rates: int = option(12, ge=1, doc="log grid per optimizer; the best "
+                                     "rate is drawn")
+    quadratic: Quadratic = None
+    rosenbrock: Rosenbrock = None
+    hyper: Hyper = None
+
+    def check(self, where):
+        super().check(where)
+        studies.nonempty(self, where, "optimizers")
+        for name in self.optimizers:   # K-FAC finds its layer on a stand-in problem
+            try:
+                make_optimizer(name, 0.1, as_dict(getattr(self.hyper, name)), linear_apply,
+                               as_params([0.0, 0.0]), (jnp.zeros((1, 2)), jnp.zeros((1, 1))))
+            except (ValueError, TypeError) as e:
+                fail(f"hyper.{name}: {str(e).splitlines()[0]}")
+
+
+# ------------------------------------------------------ problems, optimizers ---
 
 def quadratic_matrix(eigenvalues, angle: float) -> np.ndarray:
     """A = R diag(eigenvalues) Rᵀ, R the rotation by `angle` degrees."""
@@ -139,8 +215,6 @@ def problem(cfg: dict, which: str, columns: int = 1):
     return rosenbrock_loss(float(p["b"])), jnp.zeros((1,)), None, start
 
 
-# ------------------------------------------------------------- optimizers ---
-
 def make_optimizer(name: str, learning_rate, hyper: dict, apply_fn=None, params=None,
                    batch=None):
     kw = dict(hyper)
@@ -198,51 +272,6 @@ def optimizers_for(cfg: dict, which: str) -> list[str]:
 
 # -------------------------------------------------------------- the study ---
 
-def validate(cfg: dict) -> None:
-    check = studies.check
-    names = cfg["optimizers"]
-    check(isinstance(names, list) and names and all(n in OPTIMIZERS for n in names),
-          f"optimizers must be a non-empty list drawn from {', '.join(OPTIMIZERS)}; "
-          f"got {names!r}")
-    n = cfg["num_learning_rates"]
-    check(isinstance(n, int) and n > 0, f"num_learning_rates must be a positive integer, "
-                                        f"got {n!r}")
-    for which in PROBLEMS:
-        p = cfg[which]
-        for key in ("steps",) + (("num_examples",) if which == "quadratic" else ()):
-            check(isinstance(p[key], int) and p[key] > 0,
-                  f"{which}.{key} must be a positive integer, got {p[key]!r}")
-        check(studies.number(p["tolerance"]) and p["tolerance"] > 0,
-              f"{which}.tolerance must be a number > 0, got {p['tolerance']!r}")
-        for key in ("start",) + (("minimum",) if which == "quadratic" else ()):
-            check(isinstance(p[key], list) and len(p[key]) == 2 and all(map(studies.number, p[key])),
-                  f"{which}.{key} must be two numbers, got {p[key]!r}")
-        for name in names:
-            lr = p["learning_rates"][name]
-            check(isinstance(lr, list) and len(lr) == 2 and all(map(studies.number, lr))
-                  and 0 < lr[0] <= lr[1],
-                  f"{which}.learning_rates.{name} must be [low, high] with 0 < low <= high, "
-                  f"got {lr!r}")
-    q = cfg["quadratic"]
-    ev = q["eigenvalues"]
-    check(isinstance(ev, list) and len(ev) == 2 and all(studies.number(e) and e > 0 for e in ev),
-          f"quadratic.eigenvalues must be two positive numbers, got {ev!r}")
-    check(studies.number(q["angle"]), f"quadratic.angle must be a number, got {q['angle']!r}")
-    check(q["num_examples"] >= 2, "quadratic.num_examples must be at least 2")
-    check(studies.number(cfg["rosenbrock"]["b"]) and cfg["rosenbrock"]["b"] > 0,
-          f"rosenbrock.b must be a number > 0, got {cfg['rosenbrock']['b']!r}")
-    for name in names:
-        hyper = cfg["hyper"][name]
-        try:
-            if name == "kfac":
-                make_optimizer(name, 0.1, hyper, linear_apply, as_params([0.0, 0.0]),
-                               (jnp.zeros((1, 2)), jnp.zeros((1, 1))))
-            else:
-                tx.make(name, learning_rate=0.1, **hyper)
-        except (ValueError, TypeError) as e:
-            check(False, f"hyper.{name}: {e}")
-
-
 def learning_rate_grid(cfg: dict, which: str, name: str) -> np.ndarray:
     low, high = cfg[which]["learning_rates"][name]
     return np.geomspace(low, high, cfg["num_learning_rates"])
@@ -284,8 +313,6 @@ COLORS = {"sgd": "tab:blue", "momentum": "tab:orange", "adam": "tab:green",
 
 
 def _panel(ax, cfg, which, results):
-    from experiments.report import matplotlib
-
     loss_fn, batch, _, _ = problem(cfg, which)
     paths = [np.asarray(r["path"]) for r in results.values()]
     pts = np.concatenate(paths + [np.asarray([cfg[which]["start"]])])
@@ -320,8 +347,6 @@ def _panel(ax, cfg, which, results):
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     done = studies.load_json(Path(run_dir) / studies.RESULTS, {})
     results = {which: {n: done[f"{which}/{n}"] for n in optimizers_for(cfg, which)

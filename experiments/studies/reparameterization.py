@@ -28,6 +28,7 @@ unrescaled Hessian, the block bounds, worst-case and adaptive sharpness.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -36,50 +37,70 @@ import numpy as np
 
 import landscape as ls
 from experiments import studies
+from experiments.report import Figure
+from experiments.schema import check, option
+from experiments.train import build_model
 
 NAME = "reparameterization"
 SWEEP = False
 
-DEFAULTS = {
-    "data": {"num_train": 4000, "num_test": 1000},
-    "model": {"hidden": [100, 100]},
-    "train": {"optimizer": "adam", "learning_rate": 1e-3, "steps": 800, "batch_size": 128,
-              "seed": 0},
-    "rescale": {"alphas": [0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 8.0], "layer": 0},
-    "measure": {"num_examples": 1000, "chunk_size": 1000, "lanczos_steps": 30,
-                "rho": 0.05, "adaptive_rho": 0.5, "ascent_steps": 20, "seed": 0},
-}
+@dataclass(frozen=True)
+class Model:
+    """The ReLU MLP."""
+
+    hidden: tuple[int, ...] = option((100, 100), ge=1, doc="hidden widths")
 
 
-def validate(cfg: dict) -> None:
-    check = studies.check
-    hidden = cfg["model"]["hidden"]
-    check(isinstance(hidden, list) and hidden and all(studies.integer(h) for h in hidden),
-          f"model.hidden must be a non-empty list of positive integers, got {hidden!r}")
-    layer = cfg["rescale"]["layer"]
-    check(studies.integer(layer, 0) and layer < len(hidden),
-          f"rescale.layer must be a hidden layer index in 0..{len(hidden) - 1}, got "
-          f"{layer!r}")
-    alphas = cfg["rescale"]["alphas"]
-    check(isinstance(alphas, list) and alphas and all(studies.positive(a) for a in alphas),
-          f"rescale.alphas must be a non-empty list of numbers > 0, got {alphas!r}")
-    studies.check_training(cfg)
-    ms = cfg["measure"]
-    for key in ("num_examples", "chunk_size", "lanczos_steps", "ascent_steps"):
-        check(studies.integer(ms[key]), f"measure.{key} must be a positive integer, got {ms[key]!r}")
-    check(studies.integer(ms["seed"], 0), "measure.seed must be a non-negative integer")
-    check(ms["num_examples"] <= cfg["data"]["num_train"],
-          "measure.num_examples must not exceed data.num_train")
-    for key in ("rho", "adaptive_rho"):
-        check(studies.positive(ms[key]), f"measure.{key} must be a number > 0, got {ms[key]!r}")
+@dataclass(frozen=True)
+class Rescale:
+    """The rescalings: layers/<layer> (weights and bias) × α, layers/<layer + 1>/kernel
+    / α."""
+
+    alphas: tuple[float, ...] = option((0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 8.0), gt=0)
+    layer: int = option(0, ge=0, doc="a hidden layer's index")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """Curvature and sharpness of each rescaled network."""
+
+    num_examples: int = option(1000, ge=1, doc="training examples measured on")
+    chunk_size: int = option(1000, ge=1)
+    lanczos_steps: int = option(30, ge=1)
+    rho: float = option(0.05, gt=0, doc="worst-case (SAM) radius")
+    adaptive_rho: float = option(0.5, gt=0, doc="ASAM radius, η = 0")
+    ascent_steps: int = option(20, ge=1)
+    seed: int = option(0, ge=0, le=2**32 - 1)
+
+
+@dataclass(frozen=True)
+class Config(studies.Study):
+    """A trained ReLU MLP on MNIST-1D, rescaled by each α and measured."""
+
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
+    data: studies.MNIST1D = None
+    model: Model = None
+    train: studies.Train = None
+    rescale: Rescale = None
+    measure: Measure = None
+
+    def check(self, where):
+        super().check(where)
+        hidden = self.model.hidden
+        studies.nonempty(self.model, "model", "hidden")
+        studies.nonempty(self.rescale, "rescale", "alphas")
+        check(self.rescale.layer < len(hidden), "rescale.layer must be a hidden layer "
+              f"index in 0..{len(hidden) - 1}, got {self.rescale.layer}")
+        studies.check_batch(self.data, self.train)
+        check(self.measure.num_examples <= self.data.num_train,
+              "measure.num_examples must not exceed data.num_train")
 
 
 # ---------------------------------------------------------------- pieces ---
 
 def setup(cfg: dict):
     """`(apply_fn, loss_fn, init_params, train, test)` of the configured MLP on MNIST-1D."""
-    from experiments.train import build_model
-
     train, test = studies.mnist1d(cfg["data"]["num_train"], cfg["data"]["num_test"])
     model = build_model({"name": "mlp", "hidden": cfg["model"]["hidden"],
                          "activation": "relu"}, train[0].shape[1], 10)
@@ -208,13 +229,8 @@ def rows(run_dir: Path) -> tuple[dict, dict, list[dict]]:
     return cfg, done, sorted(measured, key=lambda r: r["alpha"])
 
 
-def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
-    cfg, done, measured = rows(run_dir)
-    if not measured or "blocks" not in done:
-        return ["No rescaling measured yet."]
-    b = done["blocks"]
+def figure(cfg: dict, b: dict, measured: list[dict], one: dict, path: Path) -> None:
+    """λ_max against α with its predictions and bounds; sharpness relative to α = 1."""
     a = np.array([r["alpha"] for r in measured])
     lam = np.array([r["lambda_max"] for r in measured])
     fig = Figure(figsize=(10.5, 4.0), layout="constrained")
@@ -235,7 +251,6 @@ def report(run_dir: Path) -> list[str]:
     ax1.set_ylabel("top Hessian eigenvalue")
     ax1.legend(fontsize=7)
     ax1.set_title("curvature of the same function")
-    one = min(measured, key=lambda r: abs(np.log(r["alpha"])))
     ax2.plot(a, [r["worst_case"] / one["worst_case"] for r in measured], "o-",
              color="tab:red", label=f"worst-case sharpness, ρ = {cfg['measure']['rho']:g}")
     ax2.plot(a, [r["adaptive"] / one["adaptive"] for r in measured], "s-",
@@ -249,8 +264,16 @@ def report(run_dir: Path) -> list[str]:
     ax2.legend(fontsize=7)
     worst = max(r["output_change"] for r in measured)
     ax2.set_title(f"outputs change by at most {worst:.1e} (relative)")
-    fig.savefig(Path(run_dir) / "reparameterization.png", dpi=90)
+    fig.savefig(path, dpi=90)
 
+
+def report(run_dir: Path) -> list[str]:
+    cfg, done, measured = rows(run_dir)
+    if not measured or "blocks" not in done:
+        return ["No rescaling measured yet."]
+    b = done["blocks"]
+    one = min(measured, key=lambda r: abs(np.log(r["alpha"])))
+    figure(cfg, b, measured, one, Path(run_dir) / "reparameterization.png")
     tr = done.get("trained", {})
     lines = ["## Rescaling a trained ReLU network", "",
              f"MLP {cfg['model']['hidden']} on MNIST-1D, {cfg['train']['steps']} steps of "

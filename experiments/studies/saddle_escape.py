@@ -15,8 +15,9 @@ their escape time stops growing once δ is below the noise.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ import optax
 
 from experiments import studies
 from experiments.loop import fit
+from experiments.report import Figure
+from experiments.schema import check, option
 
 
 NAME = "saddle_escape"
@@ -33,45 +36,45 @@ METHODS = ("gd", "momentum", "noisy_gd", "perturbed_gd")
 LABELS = {"gd": "GD", "momentum": "GD + momentum", "noisy_gd": "GD + gradient noise (SGD-like)",
           "perturbed_gd": "perturbed GD (Jin et al. 2017)"}
 
-DEFAULTS = {
-    "dim": 10,                 # d: d − 1 stable coordinates and one unstable
-    "stable_curvature": 1.0,   # a
-    "unstable_curvature": 1.0,  # μ (the Hessian's negative eigenvalue is −μ)
-    "quartic": 0.25,           # q: the minima sit at v = ±√(μ / 4q)
-    "stable_offset": 0.1,      # ‖u₀‖ (spread evenly over the stable coordinates)
-    "radius": 0.5,             # escaped: ‖θ‖ >= radius
-    "distances": [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10, 1e-12],
-    "include_zero": True,      # also start on the stable manifold (v₀ = 0)
-    "max_steps": 3000,
-    "seeds": 20,
-    "methods": list(METHODS),
-    "learning_rate": 0.1,
-    "momentum": 0.9,
-    "noise": 1e-3,             # σ of the gradient noise
-    "perturb_radius": 1e-3,    # r_p of perturbed GD
-    "perturb_gradient": 1e-3,  # kick when ‖∇f‖ <= this ...
-    "perturb_interval": 20,    # ... and no kick in this many steps
-}
+Method = Literal[METHODS]
 
 
-def validate(cfg: dict) -> None:
-    studies.positive_int(cfg, "dim", "max_steps", "seeds", "perturb_interval")
-    studies.check(cfg["dim"] >= 2, "dim must be at least 2")
-    studies.positive_number(cfg, "stable_curvature", "unstable_curvature", "radius",
-                      "learning_rate", "noise", "perturb_radius", "perturb_gradient")
-    for key in ("quartic", "stable_offset", "momentum"):
-        studies.check(studies.number(cfg[key]) and cfg[key] >= 0, f"{key} must be a number >= 0, "
-                                                       f"got {cfg[key]!r}")
-    studies.check(cfg["momentum"] < 1, "momentum must be below 1")
-    studies.check(cfg["stable_offset"] < cfg["radius"], "stable_offset must be below radius")
-    d = cfg["distances"]
-    studies.check(isinstance(d, list) and d and all(studies.number(x) and 0 < x < cfg["radius"]
-                                              for x in d),
-            f"distances must be a non-empty list of numbers in (0, radius), got {d!r}")
-    studies.check(isinstance(cfg["include_zero"], bool), "include_zero must be true or false")
-    m = cfg["methods"]
-    studies.check(isinstance(m, list) and m and all(x in METHODS for x in m),
-            f"methods must be a non-empty list drawn from {', '.join(METHODS)}, got {m!r}")
+@dataclass(frozen=True)
+class Config(studies.Study):
+    """f(u, v) = ½ a ‖u‖² − ½ μ v² + q v⁴ from starts at distances δ from its stable
+    manifold, escape steps per method."""
+
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
+    dim: int = option(10, ge=2, doc="d: d − 1 stable coordinates and one unstable")
+    stable_curvature: float = option(1.0, gt=0, doc="a")
+    unstable_curvature: float = option(1.0, gt=0, doc="μ (the Hessian's negative "
+                                       "eigenvalue is −μ)")
+    quartic: float = option(0.25, ge=0, doc="q: the minima sit at v = ±√(μ / 4q)")
+    stable_offset: float = option(0.1, ge=0, doc="‖u₀‖ (spread evenly over the stable "
+                                  "coordinates), below radius")
+    radius: float = option(0.5, gt=0, doc="escaped: ‖θ‖ >= radius")
+    distances: tuple[float, ...] = option(
+        (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10, 1e-12), gt=0,
+        doc="δ, each below radius")
+    include_zero: bool = option(True, doc="also start on the stable manifold (v₀ = 0)")
+    max_steps: int = option(3000, ge=1, le=10**9)
+    seeds: int = option(20, ge=1)
+    methods: tuple[Method, ...] = METHODS
+    learning_rate: float = option(0.1, gt=0)
+    momentum: float = option(0.9, ge=0, doc="below 1")
+    noise: float = option(1e-3, gt=0, doc="σ of the gradient noise")
+    perturb_radius: float = option(1e-3, gt=0, doc="r_p of perturbed GD")
+    perturb_gradient: float = option(1e-3, gt=0, doc="kick when ‖∇f‖ <= this ...")
+    perturb_interval: int = option(20, ge=1, doc="... and no kick in this many steps")
+
+    def check(self, where):
+        super().check(where)
+        studies.nonempty(self, where, "distances", "methods")
+        check(self.momentum < 1, f"momentum must be below 1, got {self.momentum}")
+        check(self.stable_offset < self.radius, "stable_offset must be below radius")
+        check(max(self.distances) < self.radius, "distances must be below radius "
+              f"({self.radius}), got {list(self.distances)}")
 
 
 def loss(theta, cfg: dict):
@@ -182,14 +185,9 @@ def run(cfg: dict, run_dir: Path, log) -> None:
         log(f"{method}: median steps {out['median']}")
 
 
-def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
-    from experiments import studies
-
-    cfg = studies.load_json(Path(run_dir) / "config.json")
-    res = studies.results(run_dir)
-    pos = [x for x in cfg["distances"]]
+def figure(cfg: dict, res: dict, path: Path) -> None:
+    """Escape steps against δ per method (10–90 % band over seeds), GD's prediction."""
+    pos = cfg["distances"]
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     zero_x = min(pos) / 30  # where the start on the manifold is drawn
@@ -223,8 +221,13 @@ def report(run_dir: Path) -> list[str]:
     ax.set_ylabel(f"steps to leave the ball r = {cfg['radius']:g}")
     ax.set_title(f"Escaping a strict saddle (d = {cfg['dim']}, η = {cfg['learning_rate']:g})")
     ax.legend(fontsize=7)
-    fig.savefig(Path(run_dir) / "saddle_escape.png", dpi=90)
+    fig.savefig(path, dpi=90)
 
+
+def report(run_dir: Path) -> list[str]:
+    cfg = studies.load_json(Path(run_dir) / "config.json")
+    res = studies.results(run_dir)
+    figure(cfg, res, Path(run_dir) / "saddle_escape.png")
     lines = ["## Escaping a strict saddle", "",
              f"f = ½·{cfg['stable_curvature']:g}‖u‖² − ½·{cfg['unstable_curvature']:g}v² + "
              f"{cfg['quartic']:g}v⁴ in {cfg['dim']} dimensions; η = {cfg['learning_rate']:g}; "

@@ -19,59 +19,58 @@ below `tol` count as critical points; the others are shown but kept apart.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import jax.flatten_util
+import optax
 
 import landscape as ls
 from experiments import studies
+from experiments.loop import fit
+from experiments.report import Figure
+from experiments.schema import option
 
 NAME = "saddles"
 SWEEP = False
 
-DEFAULTS = {
-    "num_examples": 256,       # MNIST-1D training examples (standardized inputs)
-    "hidden": 10,
-    "weight_decay": 1e-2,      # ½·wd·‖θ‖² added to the loss
-    "learning_rate": 0.5,      # full-batch gradient descent for the trajectory
-    "train_steps": 3000,
-    "checkpoints": 8,          # starts along the trajectory (log-spaced steps)
-    "perturbations": 1,        # extra starts per checkpoint ...
-    "perturb_scale": 0.5,      # ... θ + scale · rms(θ) · N(0, I)
-    "seed": 0,
-    # converged: ‖∇L‖ <= tol_relative × ‖∇L‖ at the initialization (3.09 by default)
-    "finder": {"method": "gauss_newton", "steps": 150, "cg_steps": 50, "tol_relative": 1e-3,
-               "damping": 1e-3, "index_rtol": 1e-3},
-}
+@dataclass(frozen=True)
+class Finder:
+    """`ls.critical_points` from each start; converged: ‖∇L‖ <= tol_relative × ‖∇L‖ at
+    the initialization (3.09 by default)."""
+
+    method: Literal[ls.critical.METHODS] = "gauss_newton"
+    steps: int = option(150, ge=1)
+    cg_steps: int = option(50, ge=1)
+    tol_relative: float = option(1e-3, gt=0)
+    damping: float = option(1e-3, gt=0)
+    index_rtol: float = option(1e-3, gt=0)
 
 
-def validate(cfg: dict) -> None:
-    studies.positive_int(cfg, "num_examples", "hidden", "train_steps", "checkpoints")
-    studies.positive_number(cfg, "learning_rate", "perturb_scale")
-    studies.check(isinstance(cfg["perturbations"], int) and cfg["perturbations"] >= 0,
-            f"perturbations must be an integer >= 0, got {cfg['perturbations']!r}")
-    studies.check(studies.number(cfg["weight_decay"]) and cfg["weight_decay"] >= 0,
-            f"weight_decay must be a number >= 0, got {cfg['weight_decay']!r}")
-    studies.check(cfg["num_examples"] <= 4000, "num_examples must be at most 4000 (MNIST-1D)")
-    studies.check(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
-    f = cfg["finder"]
-    studies.check(f["method"] in ls.critical.METHODS,
-            f"finder.method must be one of {', '.join(ls.critical.METHODS)}, "
-            f"got {f['method']!r}")
-    studies.positive_int(f, "steps", "cg_steps")
-    studies.positive_number(f, "tol_relative", "damping", "index_rtol")
+@dataclass(frozen=True)
+class Config(studies.Study):
+    """Critical points of a small tanh MLP found from points along its training
+    trajectory."""
 
-
-def data(cfg: dict):
-    from experiments.data import mnist1d
-
-    d = mnist1d()
-    x = d.x_train[: cfg["num_examples"]]
-    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    return jnp.asarray(x, jnp.float32), jnp.asarray(d.y_train[: cfg["num_examples"]])
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
+    num_examples: int = option(256, ge=1, le=studies.MNIST1D_TRAIN,
+                               doc="MNIST-1D training examples (standardized inputs)")
+    hidden: int = option(10, ge=1)
+    weight_decay: float = option(1e-2, ge=0, doc="½·wd·‖θ‖² added to the loss")
+    learning_rate: float = option(0.5, gt=0, doc="full-batch gradient descent for the "
+                                  "trajectory")
+    train_steps: int = option(3000, ge=1, le=10**9)
+    checkpoints: int = option(8, ge=1, doc="starts along the trajectory (log-spaced "
+                              "steps)")
+    perturbations: int = option(1, ge=0, doc="extra starts per checkpoint ...")
+    perturb_scale: float = option(0.5, gt=0, doc="... θ + scale · rms(θ) · N(0, I)")
+    seed: int = option(0, ge=0, le=2**32 - 1)
+    finder: Finder = None
 
 
 def init(key, sizes):
@@ -90,9 +89,9 @@ def apply(params, x):
 def make_loss(weight_decay: float):
     def loss_fn(params, batch):
         x, y = batch
-        fit = ls.mse(apply(params, x), jax.nn.one_hot(y, 10))
-        return fit + 0.5 * weight_decay * sum(jnp.sum(v ** 2)
-                                              for v in jax.tree.leaves(params))
+        misfit = ls.mse(apply(params, x), jax.nn.one_hot(y, 10))
+        return misfit + 0.5 * weight_decay * sum(jnp.sum(v ** 2)
+                                                 for v in jax.tree.leaves(params))
     return loss_fn
 
 
@@ -107,16 +106,12 @@ def starts(cfg: dict, loss_fn, batch):
     sizes = [batch[0].shape[1], cfg["hidden"], 10]
     params = init(jax.random.key(cfg["seed"]), sizes)
     keep = checkpoint_steps(cfg)
-    grad = jax.jit(jax.grad(loss_fn))
-
-    @jax.jit
-    def segment(p, n):
-        return jax.lax.fori_loop(0, n, lambda i, q: jax.tree.map(
-            lambda a, g: a - cfg["learning_rate"] * g, q, grad(q, batch)), p)
-
+    gd = optax.sgd(cfg["learning_rate"])
     points, where, t = [], [], 0
     for s in keep:
-        params = segment(params, s - t)
+        # Plain GD keeps no state, so segments of the run join into one trajectory.
+        params = fit(loss_fn, params, gd, batch, steps=s - t, key=jax.random.key(0),
+                     scan=True).params
         t = s
         points.append(params)
         where.append({"step": s, "perturbed": False})
@@ -155,7 +150,7 @@ def find(cfg: dict, loss_fn, point, batch, tol: float) -> dict:
 
 
 def run(cfg: dict, run_dir: Path, log) -> None:
-    batch = data(cfg)
+    batch = studies.standardized_mnist1d(cfg["num_examples"])
     loss_fn = make_loss(cfg["weight_decay"])
     points, where = starts(cfg, loss_fn, batch)
     tol = tolerance(cfg, loss_fn, batch)
@@ -187,10 +182,6 @@ def points_of(run_dir: Path) -> list[dict]:
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
-    from experiments import studies
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     pts = points_of(run_dir)
     conv = [p for p in pts if p["converged"]]

@@ -22,6 +22,7 @@ for each network computes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -29,49 +30,79 @@ import jax.numpy as jnp
 import numpy as np
 
 import landscape as ls
+from landscape import plot
 from experiments import studies
+from experiments.report import Figure
+from experiments.schema import check, option
+from experiments.train import build_model
 
 NAME = "skip_connections"
 SWEEP = False
 VARIANTS = {"skip": True, "plain": False}
 
-DEFAULTS = {
-    "data": {"num_train": 4000, "num_test": 1000},
-    "model": {"width": 8, "depth": 6, "kernel_size": 5},
-    "train": {"optimizer": "adam", "learning_rate": 3e-3, "steps": 600,
-              "batch_size": 128, "seed": 0},
-    "surface": {"points": 21, "radius": 1.0, "num_examples": 500, "chunk_size": 500,
-                "rise_radius": 0.5, "seed": 0},
-    "measure": {"lanczos_steps": 20, "seed": 0},
-}
+@dataclass(frozen=True)
+class Model:
+    """`experiments.models.ResNet1D`; both variants share everything but the skips."""
+
+    width: int = option(8, ge=1)
+    depth: int = option(6, ge=1, doc="residual blocks of two convolutions")
+    kernel_size: int = option(5, ge=1)
 
 
-def validate(cfg: dict) -> None:
-    check = studies.check
-    for key in ("width", "depth", "kernel_size"):
-        check(studies.integer(cfg["model"][key]), f"model.{key} must be a positive integer, got "
-                                       f"{cfg['model'][key]!r}")
-    studies.check_training(cfg)
-    s = cfg["surface"]
-    check(studies.integer(s["points"], 3), f"surface.points must be an integer >= 3, got "
-                                f"{s['points']!r}")
-    for key in ("num_examples", "chunk_size"):
-        check(studies.integer(s[key]), f"surface.{key} must be a positive integer, got {s[key]!r}")
-    check(s["num_examples"] <= cfg["data"]["num_train"],
-          "surface.num_examples must not exceed data.num_train")
-    for key in ("radius", "rise_radius"):
-        check(studies.positive(s[key]), f"surface.{key} must be a number > 0, got {s[key]!r}")
-    check(studies.integer(s["seed"], 0), "surface.seed must be a non-negative integer")
-    check(studies.integer(cfg["measure"]["lanczos_steps"], 2), "measure.lanczos_steps must be >= 2")
-    check(studies.integer(cfg["measure"]["seed"], 0), "measure.seed must be a non-negative integer")
+@dataclass(frozen=True)
+class Train(studies.Train):
+    """Mini-batch training of both variants (`experiments.loop.fit`; data order from
+    `seed + 1`)."""
+
+    learning_rate: float = option(3e-3, gt=0)
+    steps: int = option(600, ge=1, le=10**9)
+
+
+@dataclass(frozen=True)
+class Surface:
+    """The filter-normalized 2-D surface through each trained network."""
+
+    points: int = option(21, ge=3, doc="a points × points grid")
+    radius: float = option(1.0, gt=0, doc="coordinates in [-radius, radius] along each "
+                           "direction")
+    num_examples: int = option(500, ge=1, doc="training examples the loss is taken on")
+    chunk_size: int = option(500, ge=1)
+    rise_radius: float = option(0.5, gt=0)
+    seed: int = option(0, ge=0, le=2**32 - 1, doc="draws the two directions")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """|λ_min / λ_max| of the Hessian at each trained point."""
+
+    lanczos_steps: int = option(20, ge=2)
+    seed: int = option(0, ge=0, le=2**32 - 1)
+
+
+@dataclass(frozen=True)
+class Config(studies.Study):
+    """A 1-D ResNet on MNIST-1D trained with and without its skips; surfaces and
+    curvature."""
+
+    name: str = studies.own(NAME, "name")
+    study: str = studies.own(NAME, "study")
+    data: studies.MNIST1D = None
+    model: Model = None
+    train: Train = None
+    surface: Surface = None
+    measure: Measure = None
+
+    def check(self, where):
+        super().check(where)
+        studies.check_batch(self.data, self.train)
+        check(self.surface.num_examples <= self.data.num_train,
+              "surface.num_examples must not exceed data.num_train")
 
 
 # ---------------------------------------------------------------- pieces ---
 
 def setup(cfg: dict, skip: bool):
     """`(apply_fn, loss_fn, init_params, train, test)` of one variant on MNIST-1D."""
-    from experiments.train import build_model
-
     train, test = studies.mnist1d(cfg["data"]["num_train"], cfg["data"]["num_test"])
     m = cfg["model"]
     model = build_model({"name": "resnet", "width": m["width"], "depth": m["depth"],
@@ -202,10 +233,6 @@ def summary(cfg: dict, done: dict) -> dict:
 
 
 def report(run_dir: Path) -> list[str]:
-    from experiments.report import Figure
-
-    from landscape import plot
-
     cfg = studies.load_json(Path(run_dir) / "config.json")
     done = studies.load_json(Path(run_dir) / studies.RESULTS, {})
     rows = summary(cfg, done)

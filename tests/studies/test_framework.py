@@ -21,12 +21,6 @@ def test_piece_computes_once_and_keeps_other_pieces(tmp_path):
     assert studies.load_json(tmp_path / studies.RESULTS) == {"a": {"x": 1}, "b": [2.5]}
 
 
-def test_check_raises_config_error():
-    studies.check(True, "never")
-    with pytest.raises(cfglib.ConfigError, match="^bad value$"):
-        studies.check(False, "bad value")
-
-
 def _linear_problem(n=12, d=3):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, d)).astype(np.float32)

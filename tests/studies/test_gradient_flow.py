@@ -23,9 +23,7 @@ def _batch(n=64):
 
 def _cfg(**kw):
     cfg = experiments.load("gradient_flow", ["width=32", "num_examples=64"])
-    cfg.update(kw)
-    gf.validate(cfg)
-    return cfg
+    return experiments.validate({**cfg, **kw})
 
 
 def test_norms_match_explicit_per_layer_gradients():

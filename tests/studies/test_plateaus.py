@@ -15,9 +15,7 @@ from experiments.studies import plateaus as pl
 def _cfg(**kw):
     cfg = experiments.load("plateaus", ["steps=700", "depths=[1, 2]",
                                    "singular_values=[3.0, 2.0, 1.0]"])
-    cfg.update(kw)
-    pl.validate(cfg)
-    return cfg
+    return experiments.validate({**cfg, **kw})
 
 
 def test_depth_two_stage_times_match_the_logistic_solution():

@@ -14,9 +14,7 @@ from experiments.studies import saddle_escape as se
 
 def _cfg(**kw):
     cfg = experiments.load("saddle_escape", ["max_steps=500", "seeds=6"])
-    cfg.update(kw)
-    se.validate(cfg)
-    return cfg
+    return experiments.validate({**cfg, **kw})
 
 
 def test_gd_escape_steps_match_the_quadratic_closed_form():
