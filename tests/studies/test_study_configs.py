@@ -158,3 +158,10 @@ def test_reference_has_a_section_per_custom_study():
             assert f"### `[{table}]`" in section if table else "### top level" in section
             assert f"| `{name}` |" in section, (study, key)
     assert "## Study" not in cfglib.reference()
+
+
+@pytest.mark.parametrize("study", CUSTOM)
+def test_a_config_naming_only_the_study_takes_every_default(study):
+    cfg = experiments.load({"study": study})
+    assert cfg == schema.defaults(studies.tables()[study])
+    assert cfg["name"] == cfg["study"] == study and cfg["description"] == ""
