@@ -15,7 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import transforms as tx  # noqa: E402
 
 from experiments import config as cfglib  # noqa: E402
-from experiments import rundir  # noqa: E402
+from experiments import rundir, studies  # noqa: E402
 from experiments.run import load, run, write_report  # noqa: E402
 from experiments.store import StoreError  # noqa: E402
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.reference and (args.config or args.set):
                 raise cfglib.ConfigError("--reference prints the reference of every "
                                          "config; drop the config and --set arguments")
-            print(cfglib.reference() if args.reference else
+            print(cfglib.reference(studies.tables()) if args.reference else
                   json.dumps(load(args.config, args.set), indent=2))
             return 0
         if args.command == "report":

@@ -284,8 +284,9 @@ def apply_overrides(raw: dict, overrides: list[str] = ()) -> dict:
             check(out.get("study", "sweep") == "sweep" or "sweep" in out,
                   f"'{key}': study '{out.get('study')}' has no [sweep] table")
             out.setdefault("sweep", {})[key[len("sweep."):]] = value
-        else:
-            _set_override(out, SHORTHANDS.get(key, key), value)
+        else:  # shorthands name the sweep config's tables, not a custom study's keys
+            sweep_like = "sweep" in out or out.get("study", "sweep") == "sweep"
+            _set_override(out, SHORTHANDS.get(key, key) if sweep_like else key, value)
     return out
 
 

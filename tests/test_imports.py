@@ -56,11 +56,6 @@ def test_each_module_imports_on_its_own(name):
         sys.modules.update(saved)
 
 
-PENDING = pytest.mark.xfail(strict=False, reason="function-local imports in the studies, "
-                            "cli, report and curvature demo are removed with the runner "
-                            "rebuild (issue 14, in progress)")
-
-
 @pytest.mark.parametrize("name", modules())
 def test_imports_flow_one_way(name):
     top = name.split(".")[0]
@@ -71,7 +66,6 @@ def test_imports_flow_one_way(name):
             assert target.split(".")[0] not in forbidden, f"{name} imports {target}"
 
 
-@PENDING
 @pytest.mark.parametrize("name", modules())
 def test_imports_flow_one_way_and_never_hide_in_functions(name):
     tree = source(name)
@@ -92,7 +86,6 @@ def test_imports_flow_one_way_and_never_hide_in_functions(name):
                     f"{name}.{fn.name} imports {target} inside a function")
 
 
-@PENDING
 @pytest.mark.parametrize("name", [m for m in modules() if m.startswith("experiments")])
 def test_experiments_files_and_functions_stay_small(name):
     """experiments/ keeps files under 400 lines and functions under 60."""

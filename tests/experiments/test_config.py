@@ -10,6 +10,7 @@ import pytest
 import experiments
 import transforms as tx
 from experiments import config as cfglib
+from experiments import studies
 from experiments.cli import main
 
 TINY = str(Path(__file__).with_name("tiny.toml"))
@@ -100,7 +101,7 @@ def test_cli_lists_optimizers_and_prints_configs_and_the_reference(capsys):
     assert json.loads(capsys.readouterr().out) == experiments.load("large_batch",
                                                                    ["train.steps=7"])
     assert main(["config", "--reference"]) == 0
-    assert capsys.readouterr().out == cfglib.reference() + "\n"
+    assert capsys.readouterr().out == cfglib.reference(studies.tables()) + "\n"
     assert main(["config", "--reference", "tiny"]) == 2
     assert "drop the config" in capsys.readouterr().err
 
@@ -123,6 +124,14 @@ def test_unknown_study_is_a_config_error(tmp_path):
     path.write_text('name = "x"\nstudy = "no_such_study"\n')
     with pytest.raises(cfglib.ConfigError, match="study must be one of sweep"):
         experiments.load(str(path))
+
+
+def test_shorthands_are_for_sweep_configs_only():
+    # A custom study's own `learning_rate` or `seed` is not the sweep's optimizer table.
+    raw = {"study": "saddle_escape", "learning_rate": 0.2}
+    assert cfglib.apply_overrides({"study": "saddle_escape"}, ["learning_rate=0.2"]) == raw
+    sweep = cfglib.apply_overrides({"sweep": {}}, ["learning_rate=0.2"])
+    assert sweep["optimizer"] == {"learning_rate": 0.2}
 
 
 def test_sweep_override_on_a_custom_study_is_a_config_error():
