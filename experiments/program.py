@@ -240,7 +240,8 @@ def _step(p: Problem, opt, objective, data_loss, carry: StepCarry, t):
     params = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_params, state.params)
     opt_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_opt, state.opt_state)
     state = MemberState(params, opt_state, perm, status, state.keys)
-    return StepCarry(state, carry.total + jnp.where(keep, loss, 0.0), carry.count + keep), None
+    total = carry.total + jnp.where(keep, loss, 0.0).astype(carry.total.dtype)
+    return StepCarry(state, total, carry.count + keep), None
 
 
 def _evaluate(p: Problem, params, status, count) -> dict:
@@ -259,7 +260,11 @@ def _window(p: Problem, r, hyper: dict, l2, state: MemberState) -> Window:
     every = p.settings.record_every
     objective, data_loss = _objectives(p, l2)
     step = functools.partial(_step, p, p.make_optimizer(hyper), objective, data_loss)
-    zero = StepCarry(state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    # The window's loss sum in the parameters' precision (float64 models stay float64).
+    floats = [leaf.dtype for leaf in jax.tree.leaves(state.params)
+              if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    zero = StepCarry(state, jnp.zeros((), jnp.result_type(jnp.float32, *floats)),
+                     jnp.zeros((), jnp.int32))
     carry, _ = jax.lax.scan(step, zero, r * every + jnp.arange(every))
     state, count = carry.state, carry.count
     mean = jnp.where(count > 0, carry.total / jnp.maximum(count, 1), jnp.nan)
@@ -283,8 +288,9 @@ def _train(p: Problem, hyper: dict, l2, c: LoopCarry) -> LoopCarry:
     """Window `c.r` of every member (vmapped), written into the carry."""
     w = jax.vmap(functools.partial(_window, p), in_axes=(None, 0, 0, 0))(
         c.r, hyper, l2, c.state)
-    evals = {k: v.at[:, c.r].set(w.evals[k]) for k, v in c.evals.items()}
-    return c._replace(state=w.state, curve=c.curve.at[:, c.r].set(w.mean),
+    # Curves are stored in float32 whatever the model's precision.
+    evals = {k: v.at[:, c.r].set(w.evals[k].astype(v.dtype)) for k, v in c.evals.items()}
+    return c._replace(state=w.state, curve=c.curve.at[:, c.r].set(w.mean.astype(c.curve.dtype)),
                       taken=c.taken + w.count, evals=evals)
 
 

@@ -250,3 +250,17 @@ def test_factory_from_a_config_file_on_the_cli(tmp_path):
                               "HOME": str(tmp_path)})
     assert bad.returncode == 2 and "has no attribute" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_float64_model_runs_and_reports(arrays, tmp_path):
+    """Under float64 (as the numerical tests and many users run) a plain-JAX model trains
+    in float64, matches the plain loop, and its run's report is written from the store
+    alone (the arrays are not needed again)."""
+    with jax.enable_x64(True):
+        res = experiments.run(CONFIG, model=jax_pair(), data=arrays, out=tmp_path / "f64")
+        r = res.records()[0]
+        means, tests = plain_loop(*jax_pair(), arrays, r["learning_rate"], r["seed"])
+        got = np.array([v for _, v in res.curves("train_loss")[r["member"]]])
+        np.testing.assert_allclose(got, means, rtol=1e-5)
+    report = experiments.write_report(tmp_path / "f64")
+    assert "lambda" in report.read_text().lower()
