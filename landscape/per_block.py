@@ -138,7 +138,8 @@ def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
     `blocks × trace_probes` ("restricted").
 
     Returns:
-      `{name: BlockReport}` in the order blocks first appear in the parameters.
+      A dict from block name to `BlockReport`, in the order blocks first appear in the
+      parameters.
 
     Example:
       >>> H = ls.hessian(loss_fn, params, batch, chunk_size=500)
