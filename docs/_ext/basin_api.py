@@ -52,7 +52,7 @@ class BasinAPI(SphinxDirective):
                 title = "Re-exported unchanged"
                 lines += [title, "-" * len(title), ""]
                 for name, _ in names:
-                    lines += [f".. py:function:: {package}.{name}", "",
+                    lines += [f".. py:function:: {name}", "",
                               f"   ``{module}.{name}`` under a shorter name; its documentation is"
                               " optax's.", ""]
                 continue
@@ -63,9 +63,8 @@ class BasinAPI(SphinxDirective):
             for name, kind in names:
                 target = f"{package}.{name}"
                 if kind == "module":
-                    lines += [f".. automodule:: {target}", "   :members:", "   :no-index:", ""]
-                    lines += [f".. py:data:: {target}", "   :no-index-entry:", "",
-                              f"   The submodule ``{target}`` (its functions are listed above).", ""]
+                    lines += [f".. automodule:: {target}", "   :members:", "",
+                              f".. py:currentmodule:: {package}", ""]
                 elif kind == "class":
                     lines += [f".. autoclass:: {target}", "   :members:", "   :undoc-members:", ""]
                 elif kind == "function":
