@@ -49,7 +49,7 @@ class BasinAPI(SphinxDirective):
         lines = [f".. py:module:: {package}", ""]
         for module, names in groups(package).items():
             if not module.startswith(package):
-                title = "Re-exported unchanged"
+                title = f"Re-exported from ``{module}``"
                 lines += [title, "-" * len(title), ""]
                 for name, _ in names:
                     lines += [f".. py:function:: {name}", "",
