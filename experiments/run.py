@@ -126,6 +126,8 @@ def write_report(run_dir: str | Path) -> Path:
     sweep's.
 
     Example:
+      >>> res = experiments.run({"train": {"steps": 20}}, model=(init_fn, apply_fn),
+      ...                       data=ArrayData(x_train, y_train, x_test, y_test))
       >>> experiments.write_report(res.path).read_text()[:40]
     """
     path = Path(run_dir)
