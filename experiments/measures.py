@@ -7,8 +7,9 @@ Config validation reads the names, the programs read the functions, the report r
 (attributes of the `[measure]` or `[record]` table) its function reads.
 
 Every function takes a `Site` (the member's parameters, its loss, the measuring subset,
-the Hessian operator on it, a key) and the settings, and returns a scalar, or, for a
-recorded family such as `grad_norms`, a dict of scalars named `<name>/<part>`.
+the Hessian operator on it, a key; along training also the optimizer's state and
+hyper-parameters) and the settings, and returns a scalar, or, for a recorded family
+such as `grad_norms`, a dict of scalars named `<name>/<part>`.
 
 Example:
   >>> program = make_measure_program(apply_fn, loss_fn, settings, train, test)
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import landscape as ls
+import transforms as tx
 
 
 class Site(NamedTuple):
@@ -37,6 +39,10 @@ class Site(NamedTuple):
     # The extreme Hessian eigenvalues from one Lanczos run, shared by lambda_max and
     # lambda_min when both are recorded (None when neither is).
     extremes: jax.Array | None = None
+    # Along training: the member's optimizer state and the keyword arguments its
+    # optimizer was built with (for the measures that read the preconditioner).
+    opt_state: Any = None
+    optimizer: dict | None = None
 
 
 class Measure(NamedTuple):
@@ -131,6 +137,19 @@ FINAL: dict[str, Measure] = {
         "gradient noise scale", True, ("chunk_size",)),
 }
 
+def _preconditioned_lambda_max(site: Site, s) -> jax.Array:
+    """λ₁(P⁻¹H), P from the optimizer state (NaN before the first step, where Adam's
+    bias-corrected second moment is 0/0)."""
+    if site.opt_state is None:
+        raise ValueError("preconditioned_lambda_max needs the optimizer state: it is "
+                         "recorded along training only.")
+    lam = tx.preconditioned_lambda_max(
+        site.loss_fn, site.params, site.batch, site.opt_state,
+        key=jax.random.fold_in(site.key, 2), num_steps=max(s.lanczos_steps, 2),
+        chunk_size=s.chunk_size, built_with=site.optimizer)
+    return jnp.where(jnp.isfinite(lam), lam, jnp.nan)
+
+
 RECORDED: dict[str, Measure] = {
     "lambda_max": Measure(lambda site, s: jnp.max(site.extremes),
                           "largest Hessian eigenvalue (Lanczos)", "λ_max", True,
@@ -152,6 +171,11 @@ RECORDED: dict[str, Measure] = {
         "per-layer norms of the full-subset gradient", "gradient norm", False, ()),
     "noise_scale": Measure(FINAL["noise_scale"].fn, FINAL["noise_scale"].description,
                            "gradient noise scale", True, ("chunk_size",)),
+    # Cohen et al. 2022: full-batch Adam hovers at (2 + 2β₁)/((1 − β₁)η), 38/η at β₁ 0.9.
+    "preconditioned_lambda_max": Measure(
+        _preconditioned_lambda_max,
+        "largest eigenvalue of P⁻¹H, P the optimizer's preconditioner (Adam: √v̂ + ε)",
+        "λ₁(P⁻¹H)", True, ("lanczos_steps", "chunk_size")),
 }
 
 # Measured for every member whatever the config asks: fit and generalization.
@@ -179,18 +203,23 @@ def _collect(table: dict, site: Site, settings, names) -> dict:
     return out
 
 
-def make_recorder(loss_fn: Callable, settings, x: jax.Array,
-                  y: jax.Array) -> Callable[[Any, jax.Array], dict]:
-    """`record(params, key) -> {name: float32 scalar}` for one member on the first
-    `settings.num_examples` training examples (the same ones at every record), for the
-    `RECORDED` measures named in `settings.measures`."""
+def make_recorder(loss_fn: Callable, settings, x: jax.Array, y: jax.Array,
+                  optimizer: dict | None = None) -> Callable[..., dict]:
+    """`record(params, key, opt_state=None, hyper=None) -> {name: float32 scalar}` for
+    one member on the first `settings.num_examples` training examples (the same ones at
+    every record), for the `RECORDED` measures named in `settings.measures`.
+
+    `optimizer` holds the keyword arguments every member's optimizer was built with and
+    `hyper` one member's own (vmapped) ones; with `opt_state` they are what
+    `preconditioned_lambda_max` reads (`transforms.preconditioner(..., built_with=)`)."""
     names = [n for n in RECORDED if n in set(settings.measures)]
     n = min(settings.num_examples, x.shape[0])
     sub = (x[:n], y[:n])
 
-    def record(params, key):
+    def record(params, key, opt_state=None, hyper=None):
         hessian = ls.hessian(loss_fn, params, sub, chunk_size=settings.chunk_size)
-        site = Site(loss_fn, params, sub, hessian, key)
+        site = Site(loss_fn, params, sub, hessian, key, opt_state=opt_state,
+                    optimizer={**(optimizer or {}), **(hyper or {})})
         site = site._replace(extremes=_extremes(site, settings, names))
         return {k: v.astype(jnp.float32) for k, v in
                 _collect(RECORDED, site, settings, names).items()}

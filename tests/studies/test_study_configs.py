@@ -47,8 +47,8 @@ def _one_line_error(study, override, names):
     return message
 
 
-def test_the_custom_studies_are_the_seven():
-    assert CUSTOM == ["gradient_flow", "plateaus", "ravine", "reparameterization",
+def test_the_custom_studies_are_these():
+    assert CUSTOM == ["gradient_flow", "mode_connectivity", "plateaus", "ravine", "reparameterization",
                       "saddle_escape", "saddles", "skip_connections"]
 
 
@@ -110,6 +110,8 @@ BAD_VALUES = {
     "saddle_escape": ["momentum=1.0", "distances=[0.5]", "stable_offset=0.5",
                       'methods=["newton"]'],
     "saddles": ['finder.method="newton"', "finder.tol_relative=0", "perturbations=-1"],
+    "mode_connectivity": ["train.seed_b=0", "curve.kinds=[]", 'curve.kinds=["line"]',
+                          "curve.batch_size=4001", "model.hidden=[]"],
     "skip_connections": ["surface.points=2", "measure.lanczos_steps=1",
                          "data.num_test=1001", 'name="a/b"'],
 }
