@@ -261,10 +261,9 @@ def _window(p: Problem, r, hyper: dict, l2, state: MemberState) -> Window:
     objective, data_loss = _objectives(p, l2)
     step = functools.partial(_step, p, p.make_optimizer(hyper), objective, data_loss)
     # The window's loss sum in the parameters' precision (float64 models stay float64).
-    floats = [leaf.dtype for leaf in jax.tree.leaves(state.params)
-              if jnp.issubdtype(leaf.dtype, jnp.floating)]
-    zero = StepCarry(state, jnp.zeros((), jnp.result_type(jnp.float32, *floats)),
-                     jnp.zeros((), jnp.int32))
+    dtype = jnp.result_type(jnp.float32, *[a.dtype for a in jax.tree.leaves(state.params)
+                                           if jnp.issubdtype(a.dtype, jnp.floating)])
+    zero = StepCarry(state, jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
     carry, _ = jax.lax.scan(step, zero, r * every + jnp.arange(every))
     state, count = carry.state, carry.count
     mean = jnp.where(count > 0, carry.total / jnp.maximum(count, 1), jnp.nan)
