@@ -9,7 +9,8 @@
    compiled program per optimizer), loss on the whole training set every 10 steps.
 
 Run: `python -m benchmarks.bench_second_order` (a few minutes on 2 CPU cores);
-`--profile` prints only where the 256-wide MLP's step time goes (`profile`).
+`--profile` measures only where the 256-wide MLP's step time goes (`profile`, its own
+section of RESULTS.md).
 
 OPENBLAS_NUM_THREADS defaults to 1 here (set before jax is imported): jaxlib's CPU
 `eigh` and `qr` call scipy's OpenBLAS, whose own threads competed with XLA's for the two
@@ -168,17 +169,26 @@ def profile(sizes=(40, 256, 256, 10), rounds=7):
             times[k].append((time.perf_counter() - t0) / PERIOD)
     t = {k: statistics.median(v) for k, v in times.items()}
     adam = t["adam", "step"]
-    print(f"profile {'-'.join(map(str, sizes))}, batch {BATCH}, ms per step "
-          f"(medians of {rounds}), load {os.getloadavg()[0]:.1f}")
-    print("| optimizer | step (× Adam) | gradient (+ statistics) | update without "
-          "refresh | refresh, amortized over 10 steps |")
-    print("|---|---|---|---|---|")
+    lines = [
+        "## Where a second-order step's time goes (`bench_second_order --profile`)", "",
+        f"Machine: {machine()}; OPENBLAS_NUM_THREADS="
+        f"{os.environ.get('OPENBLAS_NUM_THREADS')}; load average {os.getloadavg()[0]:.1f} "
+        "when written (other jobs share the cores).", "",
+        f"MLP {'-'.join(map(str, sizes))}, batch {BATCH}, float32, default settings "
+        f"(refresh every {PERIOD} steps, Shampoo from step 0), ms per step, medians of "
+        f"{rounds} interleaved rounds of a compiled {PERIOD}-step scan. *gradient*: the "
+        "gradient alone (K-FAC: with its statistics, one more forward and backward pass "
+        "and the factors' outer products); *update*: the rest of a step that does not "
+        "refresh; *refresh*: the roots / bases / inverses of one refresh, divided by "
+        f"{PERIOD}.", "",
+        "| optimizer | step | × Adam | gradient (+ statistics) | update | refresh, "
+        "amortized |", "|---|---|---|---|---|---|"]
     for name in ("adam", "shampoo", "soap", "kfac"):
         step, grad = t[name, "step"], t[name, "gradient"]
         nr = t.get((name, "no_refresh"), step)
-        print(f"| {name} | {1e3 * step:.2f} ({step / adam:.2f}×) | {1e3 * grad:.2f} | "
-              f"{1e3 * (nr - grad):.2f} | {1e3 * (step - nr):.2f} |")
-    return t
+        lines.append(f"| {name} | {1e3 * step:.2f} | {step / adam:.2f}× | {1e3 * grad:.2f} "
+                     f"| {1e3 * (nr - grad):.2f} | {1e3 * (step - nr):.2f} |")
+    return "\n".join(lines)
 
 
 def mnist1d_data():
@@ -231,7 +241,9 @@ def steps_to_target(x, y):
 
 def main() -> None:
     if "--profile" in sys.argv[1:]:
-        profile()
+        text = profile()
+        print(text)
+        write_section("bench_second_order_profile", text)
         return
     timings = {"40-256-256-10": time_per_step((40, 256, 256, 10)),
                "40-1024-1024-10": time_per_step((40, 1024, 1024, 10))}
