@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import landscape as ls
 import transforms as tx
@@ -43,6 +44,7 @@ class Site(NamedTuple):
     # optimizer was built with (for the measures that read the preconditioner).
     opt_state: Any = None
     optimizer: dict | None = None
+    apply_fn: Callable | None = None   # the model (at the end of training)
 
 
 class Measure(NamedTuple):
@@ -90,6 +92,15 @@ def _sub(site: Site, s) -> dict:
     return dict(key=site.key, chunk_size=s.chunk_size)
 
 
+def _path_norm(site: Site, s) -> jax.Array:
+    """Σ f_{θ²}(1): the network with every parameter squared applied to an all-ones
+    input, summed over outputs; for a ReLU MLP the sum over input-output paths of the
+    squared weight products (Neyshabur et al. 2015; Jiang et al. 2019's path.norm)."""
+    squared = jax.tree.map(jnp.square, site.params)
+    ones = jnp.ones((1,) + site.batch[0].shape[1:], site.batch[0].dtype)
+    return jnp.sum(site.apply_fn(squared, ones))
+
+
 FINAL: dict[str, Measure] = {
     "lambda_max": Measure(
         lambda site, s: ls.eigenvalues(site.hessian, k=1, key=site.key,
@@ -130,6 +141,22 @@ FINAL: dict[str, Measure] = {
             **_sub(site, s)).flatness,
         "PAC-Bayes flatness 1/σ² (Jiang et al. 2019)", "PAC-Bayes flatness 1/σ²", True,
         ("pac_bayes_threshold", "chunk_size")),
+    "pac_bayes_magnitude": Measure(
+        lambda site, s: ls.sharpness.pac_bayes(
+            site.loss_fn, site.params, site.batch, threshold=s.pac_bayes_threshold,
+            magnitude_aware=True, **_sub(site, s)).flatness,
+        "magnitude-aware PAC-Bayes flatness 1/σ'² (Jiang et al. 2019)",
+        "magnitude-aware PAC-Bayes 1/σ'²", True, ("pac_bayes_threshold", "chunk_size")),
+    "fisher_rao": Measure(
+        lambda site, s: ls.sharpness.fisher_rao_norm(site.loss_fn, site.params, site.batch,
+                                                     chunk_size=s.chunk_size),
+        "Fisher-Rao norm (Liang et al. 2019)", "Fisher-Rao norm", True, ("chunk_size",)),
+    "param_norm": Measure(
+        lambda site, s: optax.tree.norm(site.params, squared=True),
+        "squared parameter norm ‖θ‖² (a baseline)", "‖θ‖²", True, ()),
+    "path_norm": Measure(
+        _path_norm, "path norm Σ f_{θ²}(1) (ReLU networks; a baseline)", "path norm",
+        True, ()),
     "noise_scale": Measure(
         lambda site, s: ls.gradient_noise_scale(site.loss_fn, site.params, site.batch,
                                                 chunk_size=s.chunk_size).simple,
@@ -251,7 +278,7 @@ def make_measure_program(apply_fn: Callable, loss_fn: Callable, settings, train:
         out["gap"] = out["test_loss"] - out["train_loss"]
         out["accuracy_gap"] = out["train_accuracy"] - out["test_accuracy"]
         site = Site(loss_fn, params, sub, ls.hessian(loss_fn, params, sub, chunk_size=chunk),
-                    key)
+                    key, apply_fn=apply_fn)
         out.update(_collect(FINAL, site, settings, [n for n in FINAL if n in names]))
         return out
 

@@ -48,7 +48,7 @@ def _one_line_error(study, override, names):
 
 
 def test_the_custom_studies_are_these():
-    assert CUSTOM == ["gradient_flow", "mode_connectivity", "plateaus", "ravine", "reparameterization",
+    assert CUSTOM == ["block_heterogeneity", "gradient_flow", "mode_connectivity", "plateaus", "ravine", "reparameterization",
                       "saddle_escape", "saddles", "skip_connections"]
 
 
@@ -100,6 +100,9 @@ def test_every_key_of_the_wrong_type_names_the_key(study):
 
 
 BAD_VALUES = {
+    "block_heterogeneity": ["cnn.channels=[]", "transformer.num_heads=3",
+                            "compare.sgd_learning_rates=[]", 'compare.sgd="nope"',
+                            "compare.final_window=100000", "spectrum.num_examples=5000"],
     "gradient_flow": ["depth=2", "gains=[1.0, 0.0]", "activations=[]",
                       "num_examples=4001"],
     "plateaus": ["init_strength=0.3", "singular_values=[1.0, 1.0]", "depths=[0]"],
