@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo curvature-demo test test-slow bench clean
+.PHONY: demo curvature-demo test test-slow docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Basin needs Python >= 3.11"'
@@ -26,6 +26,15 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n 2 -m slow
+
+# The site (Sphinx + MyST + furo) into build/docs, offline; any warning or broken reference fails.
+$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/python -m sphinx -b html -E -W --keep-going -n -q docs build/docs
+	@echo "open build/docs/index.html"
 
 # Peer tools (PyTorch CPU, PyHessian, loss-landscapes) live in their own environment.
 BENCH_VENV ?= .venv-bench

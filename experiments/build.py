@@ -148,5 +148,5 @@ def builtin(table: dict, example_inputs: Any, num_outputs: int) -> Model:
     }
     factories["cnn_bn"] = factories["cnn"]
     # Built-in models train and are measured in train mode (batch statistics for
-    # BatchNorm; see docs/notes/models_and_memory.md): the function SGD optimizes.
+    # BatchNorm; see docs/guides/models.md): the function SGD optimizes.
     return as_model(factories[name], example_inputs, mode="train")

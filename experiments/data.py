@@ -96,8 +96,8 @@ def randomize_labels(labels: np.ndarray, fraction: float, num_classes: int,
     Deterministic given `seed`.
 
     Example:
-      >>> noisy = randomize_labels(data.y_train, 0.2, 10, seed=0)
-      >>> noisy.redrawn.mean(), (noisy.labels != data.y_train).mean()   # 0.2, ~0.18
+      >>> noisy = randomize_labels(y_train, 0.2, 10, seed=0)
+      >>> noisy.redrawn.mean(), (noisy.labels != y_train).mean()   # 0.2, ~0.18
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):

@@ -14,7 +14,7 @@ epoch permutation's `cond` and any optimizer's refresh branch stay branches. Eac
 window ends with every member's test loss and accuracy (early stopping's record). With recording on, curvature (see
 `experiments.measures.RECORDED`) is measured at steps 0, every, 2·every, … on a fixed
 subset of the training set: a `lax.cond` on the window counter inside the one compiled
-loop, so recording costs no recompilation (docs/notes/runner_recording.md). `l2` adds
+loop, so recording costs no recompilation (docs/guides/recording.md). `l2` adds
 ½·l2·‖θ‖² to the loss the optimizer sees; the losses reported are the data loss alone.
 
 Each seed gives three streams, `k_init, k_data, k_step = split(key(seed), 3)`

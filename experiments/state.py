@@ -112,6 +112,7 @@ def pure(model: nnx.Module, mode: str | None = None, *, batch_stats: Any = None,
     curvature of one dropout sample).
 
     Example:
+      >>> from experiments.models import CNN1D
       >>> model = CNN1D(10, batch_norm=True, rngs=nnx.Rngs(0))
       >>> train_fn, params = pure(model, "train")
       >>> ...   # train params on a loss built from train_fn
@@ -185,6 +186,8 @@ def population_statistics(model: nnx.Module, params: Any, inputs: Any, *,
       chunk_size: examples per forward pass (memory); None is all at once.
 
     Example:
+      >>> from experiments.models import CNN1D
+      >>> model = CNN1D(10, batch_norm=True, rngs=nnx.Rngs(0))
       >>> train_fn, params = pure(model, "train")
       >>> ...   # train params
       >>> stats = population_statistics(model, params, x_train, chunk_size=1000)

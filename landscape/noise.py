@@ -126,7 +126,7 @@ def gradient_snr(loss_fn: LossFn, params: Any, batch: Any, *,
 
     Example:
       >>> snr = ls.gradient_snr(loss_fn, params, (x, y))
-      >>> snr.mean, snr.per_parameter["dense"]["kernel"]
+      >>> snr.mean, snr.per_parameter["layers"][0]["kernel"]
     """
     n = _check(loss_fn, params, batch, chunk_size)
     if n < 2:

@@ -138,14 +138,15 @@ def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
     `blocks × trace_probes` ("restricted").
 
     Returns:
-      `{name: BlockReport}` in the order blocks first appear in the parameters.
+      A dict from block name to `BlockReport`, in the order blocks first appear in the
+      parameters.
 
     Example:
       >>> H = ls.hessian(loss_fn, params, batch, chunk_size=500)
       >>> rep = ls.per_block(H, key=jax.random.key(0))        # one block per layer
       >>> {name: float(r.lambda_max) for name, r in rep.items()}
-      >>> attn = ls.per_block(H, {"attention": lambda p, _: "attn" in p,
-      ...                         "rest": lambda p, _: "attn" not in p}, key=key)
+      >>> first = ls.per_block(H, {"first": lambda p, _: p.startswith("layers/0/"),
+      ...                          "rest": lambda p, _: not p.startswith("layers/0/")}, key=key)
     """
     _validate.choice(trace_method, "trace_method", ("shared", "restricted"))
     trace_probes = _validate.positive_int(trace_probes, "trace_probes")

@@ -45,7 +45,7 @@ def rescale_relu(params: Any, alpha: float, *, incoming: str | Sequence[str],
       A new pytree like `params`.
 
     Example:
-      >>> p10 = ls.rescale_relu(params, 10.0, incoming="layer0", outgoing="layer1/w")
+      >>> p10 = ls.rescale_relu(params, 10.0, incoming="layers/0", outgoing="layers/1/kernel")
       >>> loss_fn(p10, batch) == loss_fn(params, batch)   # up to rounding
     """
     if not (np.ndim(alpha) == 0 and np.isfinite(alpha) and alpha > 0):

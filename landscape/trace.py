@@ -154,7 +154,7 @@ def diagonal(op, *, key: jax.Array, num_probes: int = 100, block_size: int | Non
 
     Example:
       >>> d = ls.diagonal(H, key=jax.random.key(0), num_probes=200)
-      >>> d.value["dense"]["kernel"]
+      >>> d.value["layers"][0]["kernel"]
     """
     num_probes = _validate.positive_int(num_probes, "num_probes")
     _check(mode, budget)

@@ -138,6 +138,7 @@ def adahessian(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any = 0
 
     Example:
       >>> opt = tx.adahessian(learning_rate=0.15, update_interval=10)
+      >>> state = opt.init(params)
       >>> updates, state = opt.update(g, state, params,
       ...     obj_fn=lambda p: loss_fn(p, batch), key=jax.random.key(step))
     """

@@ -138,6 +138,7 @@ def sharpness_aware(
       >>> opt = optax.chain(tx.sharpness_aware(0.05), optax.adam(1e-3))
       >>> grad_fn = lambda p, _: jax.grad(loss_fn)(p, batch)
       >>> g = jax.grad(loss_fn)(params, batch)
+      >>> state = opt.init(params)
       >>> updates, state = opt.update(g, state, params, grad_fn=grad_fn)
     """
     ascent = sam_ascent() if ascent is None else ascent

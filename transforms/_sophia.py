@@ -116,6 +116,7 @@ def gauss_newton_bartlett(loss: str = "cross_entropy") -> optax.GradientTransfor
 
     Example:
       >>> opt = optax.contrib.sophia(3e-3, hessian_diagonal_fn=tx.gauss_newton_bartlett())
+      >>> state = opt.init(params)
       >>> updates, state = opt.update(g, state, params,
       ...     output_fn=lambda p: apply_fn(p, x), key=jax.random.key(step))
     """
@@ -164,6 +165,7 @@ def sophia_h(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0
 
     Example:
       >>> opt = tx.sophia_h(learning_rate=1e-3)
+      >>> state = opt.init(params)
       >>> updates, state = opt.update(g, state, params,
       ...                             obj_fn=lambda p: loss_fn(p, batch))
     """
@@ -194,6 +196,7 @@ def sophia_g(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.965, b2: Any = 0
 
     Example:
       >>> opt = tx.sophia_g(learning_rate=1e-3)
+      >>> state = opt.init(params)
       >>> step = tx.train_step(opt, loss_fn, params, state, (x, y), key, apply_fn=apply_fn)
     """
     positive_int(update_interval, "update_interval")

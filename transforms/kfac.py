@@ -183,6 +183,8 @@ def kfac_statistics(apply_fn: Callable, params: Any, inputs: Any, *,
       targets: labels for the empirical Fisher instead of sampled ones.
 
     Example:
+      >>> opt = kfac(learning_rate=0.1, layers=find_dense_layers(apply_fn, params, x))
+      >>> state = opt.init(params)
       >>> stats = kfac_statistics(apply_fn, params, x, key=jax.random.key(0))
       >>> updates, state = opt.update(grads, state, params, statistics=stats)
     """
@@ -427,6 +429,7 @@ def scale_by_kfac(
       >>> layers = find_dense_layers(apply_fn, params, x)
       >>> opt = optax.chain(scale_by_kfac(layers), optax.scale_by_learning_rate(0.1))
       >>> stats = kfac_statistics(apply_fn, params, x, key=key)
+      >>> state = opt.init(params)
       >>> updates, state = opt.update(grads, state, params, statistics=stats)
     """
     layers = _check_layers(layers)

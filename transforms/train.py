@@ -50,8 +50,8 @@ def train_step(optimizer: optax.GradientTransformation,
     loss_fn       the loss itself, with `batch` (m-sharpness over chunks, anything
     batch         that needs to re-slice the batch)
     apply_fn      `apply_fn(p, inputs) -> outputs` or None (K-FAC-style statistics)
-    output_fn     `output_fn(p) -> apply_fn(p, batch[0])` for a batch `(inputs,
-                  labels)`, or None without `apply_fn` (Sophia-G's sampled labels)
+    output_fn     `output_fn(p) -> apply_fn(p, batch[0])` for a batch
+                  `(inputs, labels)`, or None without `apply_fn` (Sophia-G's sampled labels)
     key           a fresh `jax.random` key for this step (probes, sampled labels)
     step          the global step count, an integer scalar, only when the caller
                   gives `step=` (K-FAC's periodic refresh branches on it; inside

@@ -68,7 +68,7 @@ def test_plain_network_is_rougher(tmp_path):
     """What holds at the shipped CPU scale: without skips the trained network sits in a sharper
     basin, its loss rises faster along the same filter-normalized directions and its
     λ_max is larger. (|λ_min/λ_max|, Li et al.'s non-convexity measure, came out equal
-    for the two networks at this scale; see docs/studies/skip_connections.md.)"""
+    for the two networks at this scale; see docs/gallery/skip_connections.md.)"""
     import experiments
 
     # The shipped model and training (on a shorter budget the plain network stays near
