@@ -8,7 +8,9 @@
    512, the 256-wide MLP), each optimizer at the best of three learning rates (one
    compiled program per optimizer), loss on the whole training set every 10 steps.
 
-Run: `python -m benchmarks.bench_second_order` (a few minutes on 2 CPU cores).
+Run: `python -m benchmarks.bench_second_order` (a few minutes on 2 CPU cores);
+`--profile` measures only where the 256-wide MLP's step time goes (`profile`, its own
+section of RESULTS.md).
 
 OPENBLAS_NUM_THREADS defaults to 1 here (set before jax is imported): jaxlib's CPU
 `eigh` and `qr` call scipy's OpenBLAS, whose own threads competed with XLA's for the two
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -78,15 +81,26 @@ def optimizers(layers, shampoo_start=PERIOD):
     }
 
 
-def make_step(opt, uses_stats):
+def make_step(opt, uses_stats, part="step"):
+    """A `lax.scan` body over batches. `part` (for `--profile`): "step" the whole step;
+    "no_refresh" the step at global steps 1…PERIOD of an optimizer that refreshes at
+    step 0 only (its periodic refresh left out); "gradient" the gradient (and K-FAC's
+    statistics) alone, summed into the parameters so that nothing is removed."""
     def step(carry, batch):
-        params, state, key = carry
+        params, state, key, t = carry
         key, sub = jax.random.split(key)
         grads = jax.grad(loss_fn)(params, batch)
         extra = ({"statistics": kfac_statistics(apply_mlp, params, batch[0], key=sub)}
                  if uses_stats else {})
+        if part == "gradient":
+            stats = jax.tree.map(jnp.sum, extra.get("statistics", ()))
+            bump = sum(jax.tree.leaves(stats), jnp.zeros([], jnp.float32)) * 1e-30
+            new = jax.tree.map(lambda p, g: p - 1e-3 * g + bump, params, grads)
+            return (new, state, key, t + 1), None
+        if part == "no_refresh":
+            extra["step"] = t + 1
         updates, state = opt.update(grads, state, params, **extra)
-        return (optax.apply_updates(params, updates), state, key), None
+        return (optax.apply_updates(params, updates), state, key, t + 1), None
     return step
 
 
@@ -104,7 +118,7 @@ def time_per_step(sizes, rounds=5):
         opt = make(lrs[1])   # the middle of the grid
         step = make_step(opt, uses_stats)
         run = jax.jit(lambda c, step=step: jax.lax.scan(step, c, (x, y))[0])
-        carry = (params, opt.init(params), key)
+        carry = (params, opt.init(params), key, jnp.zeros([], jnp.int32))
         jax.block_until_ready(run(carry))
         runs[name] = (run, carry)
     times = {name: [] for name in runs}
@@ -117,6 +131,64 @@ def time_per_step(sizes, rounds=5):
     for name, t in out.items():
         print(f"  {'-'.join(map(str, sizes))} {name}: {1e3 * t:.2f} ms/step", flush=True)
     return out
+
+
+def profile(sizes=(40, 256, 256, 10), rounds=7):
+    """Where a step's time goes, per optimizer: the gradient (with K-FAC's statistics),
+    the update without its refresh, and the refresh (one per period) amortized.
+
+    Refresh-free runs use `precondition_every` / `inverse_every` of 10⁶ with the global
+    step passed as 1…PERIOD, so no step of the timed scan refreshes."""
+    key = jax.random.key(0)
+    params = init_mlp(key, sizes)
+    x = jax.random.normal(key, (PERIOD, BATCH, sizes[0]), jnp.float32)
+    y = jax.random.randint(key, (PERIOD, BATCH), 0, sizes[-1])
+    layers = find_dense_layers(apply_mlp, params, x[0])
+    never = {"shampoo": lambda lr: shampoo(lr, precondition_every=10**6,
+                                           start_preconditioning_step=0),
+             "soap": lambda lr: soap(lr, b1=0.9, b2=0.999, precondition_every=10**6),
+             "kfac": lambda lr: kfac(lr, layers, damping=1e-2, inverse_every=10**6,
+                                     momentum=0.9)}
+    runs = {}
+    for name, (make, uses_stats, lrs) in optimizers(layers, shampoo_start=0).items():
+        parts = {"gradient": (make, "gradient"), "step": (make, "step")}
+        if name in never:
+            parts["no_refresh"] = (never[name], "no_refresh")
+        for part, (mk, how) in parts.items():
+            opt = mk(lrs[1])
+            step = make_step(opt, uses_stats, how)
+            run = jax.jit(lambda c, step=step: jax.lax.scan(step, c, (x, y))[0])
+            carry = (params, opt.init(params), key, jnp.zeros([], jnp.int32))
+            jax.block_until_ready(run(carry))
+            runs[name, part] = (run, carry)
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, (run, carry) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(carry))
+            times[k].append((time.perf_counter() - t0) / PERIOD)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    adam = t["adam", "step"]
+    lines = [
+        "## Where a second-order step's time goes (`bench_second_order --profile`)", "",
+        f"Machine: {machine()}; OPENBLAS_NUM_THREADS="
+        f"{os.environ.get('OPENBLAS_NUM_THREADS')}; load average {os.getloadavg()[0]:.1f} "
+        "when written (other jobs share the cores).", "",
+        f"MLP {'-'.join(map(str, sizes))}, batch {BATCH}, float32, default settings "
+        f"(refresh every {PERIOD} steps, Shampoo from step 0), ms per step, medians of "
+        f"{rounds} interleaved rounds of a compiled {PERIOD}-step scan. *gradient*: the "
+        "gradient alone (K-FAC: with its statistics, one more forward and backward pass "
+        "and the factors' outer products); *update*: the rest of a step that does not "
+        "refresh; *refresh*: the roots / bases / inverses of one refresh, divided by "
+        f"{PERIOD}.", "",
+        "| optimizer | step | × Adam | gradient (+ statistics) | update | refresh, "
+        "amortized |", "|---|---|---|---|---|---|"]
+    for name in ("adam", "shampoo", "soap", "kfac"):
+        step, grad = t[name, "step"], t[name, "gradient"]
+        nr = t.get((name, "no_refresh"), step)
+        lines.append(f"| {name} | {1e3 * step:.2f} | {step / adam:.2f}× | {1e3 * grad:.2f} "
+                     f"| {1e3 * (nr - grad):.2f} | {1e3 * (step - nr):.2f} |")
+    return "\n".join(lines)
 
 
 def mnist1d_data():
@@ -147,8 +219,8 @@ def steps_to_target(x, y):
                 carry, _ = jax.lax.scan(step, carry, (x[ids], y[ids]))
                 return carry, loss_fn(carry[0], (x, y))
 
-            _, losses = jax.lax.scan(chunk, (params, opt.init(params), jax.random.key(2)),
-                                     idx)
+            _, losses = jax.lax.scan(chunk, (params, opt.init(params), jax.random.key(2),
+                                             jnp.zeros([], jnp.int32)), idx)
             return losses
 
         # one compilation per optimizer, the learning rate a traced argument; a loop
@@ -168,6 +240,11 @@ def steps_to_target(x, y):
 
 
 def main() -> None:
+    if "--profile" in sys.argv[1:]:
+        text = profile()
+        print(text)
+        write_section("bench_second_order_profile", text)
+        return
     timings = {"40-256-256-10": time_per_step((40, 256, 256, 10)),
                "40-1024-1024-10": time_per_step((40, 1024, 1024, 10))}
     x, y = mnist1d_data()

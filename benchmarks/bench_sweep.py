@@ -7,10 +7,11 @@ groups of one. Also the sweep's achieved FLOP/s against a measured float32 matmu
 and weights).
 
 Second part (its own section; `python -m benchmarks.bench_sweep --optimizers` runs only
-it): per optimizer (Adam, Shampoo, SOAP; K-FAC's row is left to its owner), one group of
-8 members (8 learning rates, `jax.vmap` in a plain jitted `lax.scan`, the step count
-passed unbatched as `step=`) against one member alone, same steps; Shampoo and SOAP also
-as a group without `step=` (their refresh condition then batched into a `select`).
+it): per optimizer (Adam, Shampoo, SOAP, K-FAC, each `tx.make` with its defaults), one
+group of 8 members (8 learning rates, `jax.vmap` of a jitted `lax.scan` of
+`tx.train_step`, the step count passed unbatched as `step=`) against one member alone,
+same steps; the second-order ones also as a group without `step=` (their refresh
+condition then batched into a `select`).
 OPENBLAS_NUM_THREADS defaults to 1 (see `bench_second_order`).
 """
 
@@ -33,12 +34,10 @@ from benchmarks._results import machine, median_time, write_section  # noqa: E40
 from experiments.data import mnist1d  # noqa: E402
 from experiments.program import Settings, make_group_program  # noqa: E402
 from experiments.train import build_model  # noqa: E402
-from transforms.shampoo import shampoo  # noqa: E402
-from transforms.soap import soap  # noqa: E402
 
 OPT_STEPS, OPT_BATCH, OPT_MEMBERS, OPT_ROUNDS = 200, 128, 8, 3
 OPT_SIZES = (40, 100, 100, 10)
-OPTIMIZERS = {"adam": optax.adam, "shampoo": shampoo, "soap": soap}
+OPTIMIZERS = ("adam", "shampoo", "soap", "kfac")
 STEPS, BATCHES, HIDDEN = 600, (16, 128), [100, 100]
 
 
@@ -71,20 +70,30 @@ def _compare(batch: int, x, y, model) -> tuple[float, float, float]:
     return median_time(vmapped, repeats=3), median_time(sequential, repeats=3), compile_s
 
 
-def _member_run(make, x, y, with_step):
-    """`run(lr) -> final loss` of one member: OPT_STEPS steps in one `lax.scan`."""
+def _mlp_params():
     key = jax.random.key(0)
     params = []
     for i, (a, b) in enumerate(zip(OPT_SIZES[:-1], OPT_SIZES[1:])):
         w = jax.random.normal(jax.random.fold_in(key, i), (a, b), jnp.float32)
         params.append({"w": w * (2.0 / a) ** 0.5, "b": jnp.zeros(b, jnp.float32)})
+    return params
 
-    def loss(p, xb, yb):
-        h = xb
-        for layer in p[:-1]:
-            h = jax.nn.relu(h @ layer["w"] + layer["b"])
-        logits = h @ p[-1]["w"] + p[-1]["b"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+def _mlp_apply(p, x):
+    for layer in p[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ p[-1]["w"] + p[-1]["b"]
+
+
+def _mlp_loss(p, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(_mlp_apply(p, batch[0]),
+                                                            batch[1]).mean()
+
+
+def _member_run(make, x, y, with_step):
+    """`run(lr, state) -> final loss` of one member (OPT_STEPS `train_step`s in one
+    `lax.scan`, K-FAC's statistics drawn inside it) and `init(lr)`."""
+    params = _mlp_params()
 
     def run(lr, state):
         opt = make(lr)
@@ -92,27 +101,34 @@ def _member_run(make, x, y, with_step):
         def step(carry, t):
             p, s = carry
             idx = (t * OPT_BATCH + jnp.arange(OPT_BATCH)) % x.shape[0]
-            g = jax.grad(loss)(p, x[idx], y[idx])
-            u, s = opt.update(g, s, p, **({"step": t} if with_step else {}))
-            return (optax.apply_updates(p, u), s), None
+            p, s, _ = tx.train_step(opt, _mlp_loss, p, s, (x[idx], y[idx]),
+                                    jax.random.fold_in(jax.random.key(1), t),
+                                    apply_fn=_mlp_apply, step=t if with_step else None)
+            return (p, s), None
 
         (p, _), _ = jax.lax.scan(step, (params, state), jnp.arange(OPT_STEPS))
-        return loss(p, x, y)
+        return _mlp_loss(p, (x, y))
 
     def init(lr):
         return make(lr).init(params)
     return run, init
 
 
+def _makers():
+    """name -> make(learning_rate), every other hyper-parameter the registry's default."""
+    layers = tx.find_dense_layers(_mlp_apply, _mlp_params(), jnp.zeros((1, OPT_SIZES[0])))
+    extra = {"kfac": {"layers": layers}}
+    return {name: (lambda lr, name=name: tx.make(name, learning_rate=lr,
+                                                 **extra.get(name, {})))
+            for name in OPTIMIZERS}
+
+
 def optimizer_groups(x, y) -> dict:
     """name -> {way: median seconds}; ways 'one', 'group' and (second-order) 'select'."""
     lrs = jnp.geomspace(1e-4, 3e-2, OPT_MEMBERS).astype(jnp.float32)
     runs = {}
-    for name, make in OPTIMIZERS.items():
-        # a transform that takes no `step` (Adam) gets it through optax's extra arguments
-        make_x = (lambda lr, make=make: optax.with_extra_args_support(make(lr))) \
-            if name == "adam" else make
-        run, init = _member_run(make_x, x, y, True)
+    for name, make in _makers().items():
+        run, init = _member_run(make, x, y, True)
         # per-member states, as the runner holds them: their counters are batched, so
         # without `step=` the refresh condition is batched too
         ways = {"one": (jax.jit(run), (lrs[0], init(lrs[0]))),
@@ -141,13 +157,12 @@ def optimizer_section(x, y) -> str:
     adam_ratio = t["adam"]["group"] / t["adam"]["one"]
     rows = ["| optimizer | 1 member (s) | group of 8, `step=` (s) | 8 / 1 | ÷ Adam's 8 / 1 "
             "| group of 8 without `step=` (s) |", "|---|---|---|---|---|---|"]
-    for name in ("adam", "shampoo", "soap"):
+    for name in OPTIMIZERS:
         r = t[name]
         ratio = r["group"] / r["one"]
         sel = f"{r['select']:.2f}" if "select" in r else "—"
         rows.append(f"| {name} | {r['one']:.2f} | {r['group']:.2f} | {ratio:.1f}× | "
                     f"{ratio / adam_ratio:.2f} | {sel} |")
-    rows.append("| kfac | (its owner's row) | | | | |")
     return "\n".join([
         "## Second-order optimizers in vmapped groups (`bench_sweep --optimizers`)", "",
         f"Machine: {machine()}; OPENBLAS_NUM_THREADS="

@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -41,14 +40,11 @@ import optax
 import transforms as tx
 
 
-# Refreshing optimizers (Shampoo, SOAP, K-FAC) branch on the global step rather than on a
-# per-member counter when `train_step` hands it to them (once it takes `step`).
-_PASS_STEP = "step" in inspect.signature(tx.train_step).parameters
-
-
 def step_kwargs(t) -> dict:
-    """`{"step": t}` for `transforms.train_step` where it accepts the global step."""
-    return {"step": t} if _PASS_STEP else {}
+    """`{"step": t}`: the global step for `transforms.train_step`. Refreshing optimizers
+    (Shampoo, SOAP, K-FAC) branch on it rather than on a per-member counter, so inside a
+    vmapped group their refresh stays one `lax.cond` for the whole group."""
+    return {"step": t}
 
 
 class Fit(NamedTuple):

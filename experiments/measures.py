@@ -7,8 +7,9 @@ Config validation reads the names, the programs read the functions, the report r
 (attributes of the `[measure]` or `[record]` table) its function reads.
 
 Every function takes a `Site` (the member's parameters, its loss, the measuring subset,
-the Hessian operator on it, a key) and the settings, and returns a scalar, or, for a
-recorded family such as `grad_norms`, a dict of scalars named `<name>/<part>`.
+the Hessian operator on it, a key; along training also the optimizer's state and
+hyper-parameters) and the settings, and returns a scalar, or, for a recorded family
+such as `grad_norms`, a dict of scalars named `<name>/<part>`.
 
 Example:
   >>> program = make_measure_program(apply_fn, loss_fn, settings, train, test)
@@ -22,8 +23,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import landscape as ls
+import transforms as tx
 
 
 class Site(NamedTuple):
@@ -37,6 +40,11 @@ class Site(NamedTuple):
     # The extreme Hessian eigenvalues from one Lanczos run, shared by lambda_max and
     # lambda_min when both are recorded (None when neither is).
     extremes: jax.Array | None = None
+    # Along training: the member's optimizer state and the keyword arguments its
+    # optimizer was built with (for the measures that read the preconditioner).
+    opt_state: Any = None
+    optimizer: dict | None = None
+    apply_fn: Callable | None = None   # the model (at the end of training)
 
 
 class Measure(NamedTuple):
@@ -84,6 +92,15 @@ def _sub(site: Site, s) -> dict:
     return dict(key=site.key, chunk_size=s.chunk_size)
 
 
+def _path_norm(site: Site, s) -> jax.Array:
+    """Σ f_{θ²}(1): the network with every parameter squared applied to an all-ones
+    input, summed over outputs; for a ReLU MLP the sum over input-output paths of the
+    squared weight products (Neyshabur et al. 2015; Jiang et al. 2019's path.norm)."""
+    squared = jax.tree.map(jnp.square, site.params)
+    ones = jnp.ones((1,) + site.batch[0].shape[1:], site.batch[0].dtype)
+    return jnp.sum(site.apply_fn(squared, ones))
+
+
 FINAL: dict[str, Measure] = {
     "lambda_max": Measure(
         lambda site, s: ls.eigenvalues(site.hessian, k=1, key=site.key,
@@ -124,12 +141,41 @@ FINAL: dict[str, Measure] = {
             **_sub(site, s)).flatness,
         "PAC-Bayes flatness 1/σ² (Jiang et al. 2019)", "PAC-Bayes flatness 1/σ²", True,
         ("pac_bayes_threshold", "chunk_size")),
+    "pac_bayes_magnitude": Measure(
+        lambda site, s: ls.sharpness.pac_bayes(
+            site.loss_fn, site.params, site.batch, threshold=s.pac_bayes_threshold,
+            magnitude_aware=True, **_sub(site, s)).flatness,
+        "magnitude-aware PAC-Bayes flatness 1/σ'² (Jiang et al. 2019)",
+        "magnitude-aware PAC-Bayes 1/σ'²", True, ("pac_bayes_threshold", "chunk_size")),
+    "fisher_rao": Measure(
+        lambda site, s: ls.sharpness.fisher_rao_norm(site.loss_fn, site.params, site.batch,
+                                                     chunk_size=s.chunk_size),
+        "Fisher-Rao norm (Liang et al. 2019)", "Fisher-Rao norm", True, ("chunk_size",)),
+    "param_norm": Measure(
+        lambda site, s: optax.tree.norm(site.params, squared=True),
+        "squared parameter norm ‖θ‖² (a baseline)", "‖θ‖²", True, ()),
+    "path_norm": Measure(
+        _path_norm, "path norm Σ f_{θ²}(1) (ReLU networks; a baseline)", "path norm",
+        True, ()),
     "noise_scale": Measure(
         lambda site, s: ls.gradient_noise_scale(site.loss_fn, site.params, site.batch,
                                                 chunk_size=s.chunk_size).simple,
         "gradient noise scale B_simple (McCandlish et al. 2018)",
         "gradient noise scale", True, ("chunk_size",)),
 }
+
+def _preconditioned_lambda_max(site: Site, s) -> jax.Array:
+    """λ₁(P⁻¹H), P from the optimizer state (NaN before the first step, where Adam's
+    bias-corrected second moment is 0/0)."""
+    if site.opt_state is None:
+        raise ValueError("preconditioned_lambda_max needs the optimizer state: it is "
+                         "recorded along training only.")
+    lam = tx.preconditioned_lambda_max(
+        site.loss_fn, site.params, site.batch, site.opt_state,
+        key=jax.random.fold_in(site.key, 2), num_steps=max(s.lanczos_steps, 2),
+        chunk_size=s.chunk_size, built_with=site.optimizer)
+    return jnp.where(jnp.isfinite(lam), lam, jnp.nan)
+
 
 RECORDED: dict[str, Measure] = {
     "lambda_max": Measure(lambda site, s: jnp.max(site.extremes),
@@ -152,6 +198,11 @@ RECORDED: dict[str, Measure] = {
         "per-layer norms of the full-subset gradient", "gradient norm", False, ()),
     "noise_scale": Measure(FINAL["noise_scale"].fn, FINAL["noise_scale"].description,
                            "gradient noise scale", True, ("chunk_size",)),
+    # Cohen et al. 2022: full-batch Adam hovers at (2 + 2β₁)/((1 − β₁)η), 38/η at β₁ 0.9.
+    "preconditioned_lambda_max": Measure(
+        _preconditioned_lambda_max,
+        "largest eigenvalue of P⁻¹H, P the optimizer's preconditioner (Adam: √v̂ + ε)",
+        "λ₁(P⁻¹H)", True, ("lanczos_steps", "chunk_size")),
 }
 
 # Measured for every member whatever the config asks: fit and generalization.
@@ -179,18 +230,23 @@ def _collect(table: dict, site: Site, settings, names) -> dict:
     return out
 
 
-def make_recorder(loss_fn: Callable, settings, x: jax.Array,
-                  y: jax.Array) -> Callable[[Any, jax.Array], dict]:
-    """`record(params, key) -> {name: float32 scalar}` for one member on the first
-    `settings.num_examples` training examples (the same ones at every record), for the
-    `RECORDED` measures named in `settings.measures`."""
+def make_recorder(loss_fn: Callable, settings, x: jax.Array, y: jax.Array,
+                  optimizer: dict | None = None) -> Callable[..., dict]:
+    """`record(params, key, opt_state=None, hyper=None) -> {name: float32 scalar}` for
+    one member on the first `settings.num_examples` training examples (the same ones at
+    every record), for the `RECORDED` measures named in `settings.measures`.
+
+    `optimizer` holds the keyword arguments every member's optimizer was built with and
+    `hyper` one member's own (vmapped) ones; with `opt_state` they are what
+    `preconditioned_lambda_max` reads (`transforms.preconditioner(..., built_with=)`)."""
     names = [n for n in RECORDED if n in set(settings.measures)]
     n = min(settings.num_examples, x.shape[0])
     sub = (x[:n], y[:n])
 
-    def record(params, key):
+    def record(params, key, opt_state=None, hyper=None):
         hessian = ls.hessian(loss_fn, params, sub, chunk_size=settings.chunk_size)
-        site = Site(loss_fn, params, sub, hessian, key)
+        site = Site(loss_fn, params, sub, hessian, key, opt_state=opt_state,
+                    optimizer={**(optimizer or {}), **(hyper or {})})
         site = site._replace(extremes=_extremes(site, settings, names))
         return {k: v.astype(jnp.float32) for k, v in
                 _collect(RECORDED, site, settings, names).items()}
@@ -222,7 +278,7 @@ def make_measure_program(apply_fn: Callable, loss_fn: Callable, settings, train:
         out["gap"] = out["test_loss"] - out["train_loss"]
         out["accuracy_gap"] = out["train_accuracy"] - out["test_accuracy"]
         site = Site(loss_fn, params, sub, ls.hessian(loss_fn, params, sub, chunk_size=chunk),
-                    key)
+                    key, apply_fn=apply_fn)
         out.update(_collect(FINAL, site, settings, [n for n in FINAL if n in names]))
         return out
 

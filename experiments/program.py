@@ -261,10 +261,9 @@ def _window(p: Problem, r, hyper: dict, l2, state: MemberState) -> Window:
     objective, data_loss = _objectives(p, l2)
     step = functools.partial(_step, p, p.make_optimizer(hyper), objective, data_loss)
     # The window's loss sum in the parameters' precision (float64 models stay float64).
-    floats = [leaf.dtype for leaf in jax.tree.leaves(state.params)
-              if jnp.issubdtype(leaf.dtype, jnp.floating)]
-    zero = StepCarry(state, jnp.zeros((), jnp.result_type(jnp.float32, *floats)),
-                     jnp.zeros((), jnp.int32))
+    dtype = jnp.result_type(jnp.float32, *[a.dtype for a in jax.tree.leaves(state.params)
+                                           if jnp.issubdtype(a.dtype, jnp.floating)])
+    zero = StepCarry(state, jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
     carry, _ = jax.lax.scan(step, zero, r * every + jnp.arange(every))
     state, count = carry.state, carry.count
     mean = jnp.where(count > 0, carry.total / jnp.maximum(count, 1), jnp.nan)
@@ -275,10 +274,10 @@ def _window(p: Problem, r, hyper: dict, l2, state: MemberState) -> Window:
     return Window(state, mean, count, _evaluate(p, state.params, state.status, count))
 
 
-def _take_record(p: Problem, records: dict, j, state: MemberState) -> dict:
+def _take_record(p: Problem, hyper: dict, records: dict, j, state: MemberState) -> dict:
     """Fill column j of every record for the members still running."""
     keys = jax.vmap(lambda k: jax.random.fold_in(k[2], j))(state.keys)
-    values = jax.vmap(p.recorder)(state.params, keys)
+    values = jax.vmap(p.recorder)(state.params, keys, state.opt_state, hyper)
     running = state.status == RUNNING
     return {name: records[name].at[:, j].set(jnp.where(running, values[name], jnp.nan))
             for name in records}
@@ -310,7 +309,7 @@ def _body(p: Problem, hyper: dict, l2, c: LoopCarry) -> LoopCarry:
         per_record = p.settings.record_every_steps // p.settings.record_every
         num_records = len(p.settings.record_steps())
         due = (c.r % per_record == 0) & (c.r // per_record < num_records)
-        records = jax.lax.cond(due, functools.partial(_take_record, p),
+        records = jax.lax.cond(due, functools.partial(_take_record, p, hyper),
                                lambda recs, *_: recs, c.records, c.r // per_record, c.state)
         c = c._replace(records=records)
         c = jax.lax.cond(c.r < windows, functools.partial(_train, p, hyper, l2),
@@ -328,14 +327,14 @@ def _going(p: Problem, c: LoopCarry) -> jax.Array:
     return (c.r < last) & jnp.any(c.state.status == RUNNING) & ~c.stop
 
 
-def _initial(p: Problem, state: MemberState) -> LoopCarry:
+def _initial(p: Problem, hyper: dict, state: MemberState) -> LoopCarry:
     m = state.status.shape[0]
     nan = jnp.full((m, p.settings.windows), jnp.nan, jnp.float32)
     evals = {"test_loss": nan, "test_accuracy": nan} if p.test is not None else {}
     records = {}
     if p.recorder is not None:
-        shapes = jax.eval_shape(p.recorder, jax.tree.map(lambda a: a[0], state.params),
-                                jax.random.key(0))
+        first = jax.tree.map(lambda a: a[0], (state.params, state.opt_state, hyper))
+        shapes = jax.eval_shape(p.recorder, first[0], jax.random.key(0), first[1], first[2])
         num_records = len(p.settings.record_steps())
         records = {name: jnp.full((m, num_records), jnp.nan, jnp.float32)
                    for name in shapes}
@@ -347,7 +346,7 @@ def group_program(p: Problem, hyper: dict, seeds: jax.Array, l2=None) -> GroupOu
     """The group: start every member, run the window loop, collect the outputs."""
     state = jax.vmap(functools.partial(_start, p))(hyper, seeds)
     c = jax.lax.while_loop(functools.partial(_going, p),
-                           functools.partial(_body, p, hyper, l2), _initial(p, state))
+                           functools.partial(_body, p, hyper, l2), _initial(p, hyper, state))
     return GroupOutput(c.state.params, c.state.status, c.taken, c.curve,
                        c.evals.get("test_loss"), c.evals.get("test_accuracy"), c.records)
 
@@ -355,7 +354,8 @@ def group_program(p: Problem, hyper: dict, seeds: jax.Array, l2=None) -> GroupOu
 def make_group_program(model: Model, make_optimizer: Callable[[dict], Any],
                        settings: Settings, x: jax.Array, y: jax.Array, *,
                        test: tuple | None = None,
-                       on_window: Callable[[int, int], bool] | None = None) -> Callable:
+                       on_window: Callable[[int, int], bool] | None = None,
+                       optimizer: dict | None = None) -> Callable:
     """`program(hyper: dict of (M,) arrays, seeds: (M,) ints, l2=None) -> GroupOutput`,
     jitted.
 
@@ -363,7 +363,9 @@ def make_group_program(model: Model, make_optimizer: Callable[[dict], Any],
     hyper-parameters; `test = (x_test, y_test)` adds the test loss and accuracy per
     record window; `l2`, an (M,) array, is each member's L2 coefficient (None:
     `settings.l2` for all); `on_window(windows_done, members_running) -> stop` runs on
-    the host after each window.
+    the host after each window; `optimizer`, the keyword arguments every member's
+    optimizer is built with besides `hyper`, is what recorded measures that read the
+    optimizer state (`preconditioned_lambda_max`) take its hyper-parameters from.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same length, got {x.shape[0]} and "
@@ -373,7 +375,7 @@ def make_group_program(model: Model, make_optimizer: Callable[[dict], Any],
                          f"training set ({x.shape[0]} examples)")
     loss_fn = (settings.loss if callable(settings.loss)
                else loss_function(model.apply_fn, settings.loss))
-    recorder = (make_recorder(loss_fn, settings.record, x, y)
+    recorder = (make_recorder(loss_fn, settings.record, x, y, optimizer)
                 if settings.record_every_steps > 0 else None)
     problem = Problem(model, make_optimizer, settings, loss_fn, x, y, test, recorder,
                       on_window)

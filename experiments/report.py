@@ -50,7 +50,7 @@ def granulated_kendall(records: list[dict], measure: str, axes: list[str],
         others = [k for k in keys if k != axis]
         buckets: dict[tuple, list[dict]] = {}
         for r in records:
-            buckets.setdefault(tuple(r[k] for k in others), []).append(r)
+            buckets.setdefault(tuple(_hashable(r[k]) for k in others), []).append(r)
         taus = [kendall_tau([r[measure] for r in b], [r[gap] for r in b])
                 for b in buckets.values() if len(b) > 1]
         taus = [t for t in taus if not math.isnan(t)]
@@ -59,8 +59,14 @@ def granulated_kendall(records: list[dict], measure: str, axes: list[str],
     return (float(np.mean(vals)) if vals else math.nan), per_axis
 
 
+def _hashable(value):
+    """A swept value as a dict key (a list such as `model.hidden` as a tuple)."""
+    return tuple(map(_hashable, value)) if isinstance(value, list) else value
+
+
 def _axes(cfg: dict, records: list[dict]) -> list[str]:
-    return [k for k in cfglib.sweep_keys(cfg) if k != "seed" and len({r[k] for r in records}) > 1]
+    return [k for k in cfglib.sweep_keys(cfg)
+            if k != "seed" and len({_hashable(r[k]) for r in records}) > 1]
 
 
 def _save(fig: Figure, path: Path) -> None:

@@ -216,7 +216,7 @@ def run_group(cfg: dict, key: str, members: list[cfglib.Member], model: build.Mo
     report = WindowProgress(settings.steps, settings.record_every,
                             f"batch {settings.batch_size}", _progress_mode(progress))
     program = make_group_program(model, make_optimizer, settings, *train, test=test,
-                                 on_window=report)
+                                 on_window=report, optimizer=opt_cfg)
     with interrupt.catching():
         t0 = time.perf_counter()
         compiled = program.lower(hyper, seeds, l2).compile()

@@ -151,6 +151,23 @@ def _qr_one(x):
     return jnp.linalg.qr(x)[0]
 
 
+@_one_matrix_at_a_time
+def _damped_inverse_one(x, shift):
+    # Cholesky, not an eigendecomposition: on CPU it is ~10x cheaper, and K-FAC's
+    # factored damping needs nothing but the inverse. (F + sI)⁻¹ = L⁻ᵀ L⁻¹ from one
+    # triangular inverse (n³/3) and one product, a third of a two-sided solve against I.
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    chol = jnp.linalg.cholesky(0.5 * (x + x.T) + shift * eye)
+    inv_l = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    return inv_l.T @ inv_l
+
+
+def damped_inverse(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """`(sym(x) + shift I)⁻¹` of one symmetric matrix by Cholesky; under `vmap` one
+    LAPACK call per matrix (batched `potrf` deadlocked like batched `eigh`)."""
+    return _damped_inverse_one(x, shift)
+
+
 def _over_leading(fn, x):
     """`fn` of one matrix mapped over all leading dimensions of `x`, one at a time."""
     if x.ndim == 2:

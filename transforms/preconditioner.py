@@ -194,7 +194,8 @@ def _names(state: Any) -> str:
     return type(state).__name__
 
 
-def preconditioner(state: Any, **hyperparameters: Any) -> Any:
+def preconditioner(state: Any, *, built_with: dict | None = None,
+                   **hyperparameters: Any) -> Any:
     """The preconditioner P of an optimizer state, in the form `ls.preconditioned` takes.
 
     What P is, for each state found anywhere in a chain (hyper-parameter defaults in
@@ -227,6 +228,9 @@ def preconditioner(state: Any, **hyperparameters: Any) -> Any:
     Args:
       state: an optimizer state (`opt.init(params)` and its updates), holding exactly
         one of the states above.
+      built_with: optionally every keyword argument the optimizer was built with (a
+        config's optimizer table, say): the ones P depends on are used, the others
+        ignored; `hyperparameters` given explicitly take precedence.
       **hyperparameters: the values the optimizer was built with, where they differ
         from the defaults; values recorded by `optax.inject_hyperparams` are used when
         not given here.
@@ -258,8 +262,9 @@ def preconditioner(state: Any, **hyperparameters: Any) -> Any:
     if unknown:
         raise ValueError(f"{type(node).__name__} takes the hyper-parameters "
                          f"{sorted(reader.defaults)}; got unknown {unknown}.")
-    values = {k: hyperparameters.get(k, injected.get(k, d))
-              for k, d in reader.defaults.items()}
+    given = {k: v for k, v in (built_with or {}).items() if k in reader.defaults}
+    given.update(hyperparameters)
+    values = {k: given.get(k, injected.get(k, d)) for k, d in reader.defaults.items()}
     return reader.read(node, **values)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
 import optax
@@ -48,7 +47,7 @@ from transforms import kfac as _kfac
 from transforms import shampoo as _shampoo
 from transforms import soap as _soap
 
-__all__ = ["Hyper", "LEARNING_RATE", "OptimizerSpec", "REQUIRED", "accepts_traced",
+__all__ = ["Hyper", "LEARNING_RATE", "OptimizerSpec", "REQUIRED",
            "boolean", "closed_unit_interval", "describe", "fraction", "hyperparameters",
            "integer", "make", "names", "nonnegative", "nonnegative_int", "one_of",
            "optax_names", "optional", "positive", "positive_int", "register",
@@ -159,14 +158,6 @@ def _resolve(name: str) -> tuple[str, Mapping[str, Any], Callable]:
         return source, _signature(fn), fn
     raise ValueError(f"Unknown optimizer {name!r}; valid choices: Basin's "
                      f"{', '.join(names())}; optax's {', '.join(optax_names())}.")
-
-
-def accepts_traced(name: str) -> bool:
-    """DEPRECATED (always True): every optimizer's hyper-parameters may be traced."""
-    warnings.warn("transforms.registry.accepts_traced is deprecated: every optimizer "
-                  "accepts traced hyper-parameters.", DeprecationWarning, stacklevel=2)
-    del name
-    return True
 
 
 def hyperparameters(name: str) -> dict[str, Any]:

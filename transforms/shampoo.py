@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from landscape import _validate as check
 from transforms import _second_order_blocks as blocks
-from transforms import _second_order_validate as check
 
 _GRAFTS = ("adam", "sgd", "none")
 
@@ -198,14 +198,14 @@ def scale_by_shampoo(
       >>> params = optax.apply_updates(params, updates)
     """
     hp = dict(
-        b1=blocks.checked(check.decay, b1, "b1"),
-        b2=blocks.checked(check.decay, b2, "b2", True),
+        b1=blocks.checked(check.unit_interval, b1, "b1"),
+        b2=blocks.checked(check.closed_unit_interval, b2, "b2"),
         eps=blocks.checked(check.positive, eps, "eps"),
-        graft_eps=blocks.checked(check.non_negative, graft_eps, "graft_eps"),
+        graft_eps=blocks.checked(check.nonnegative, graft_eps, "graft_eps"),
         block_size=blocks.check_block_size(block_size),
         precondition_every=check.positive_int(precondition_every, "precondition_every"),
         stats_every=check.positive_int(stats_every, "stats_every"),
-        start=check.non_negative_int(start_preconditioning_step,
+        start=check.nonnegative_int(start_preconditioning_step,
                                      "start_preconditioning_step"),
         graft=check.choice(graft, "graft", _GRAFTS),
         exponent=None if exponent is None else check.positive(exponent, "exponent"))
@@ -250,6 +250,6 @@ def shampoo(
       >>> updates, state = opt.update(grads, state)
       >>> params = optax.apply_updates(params, updates)
     """
-    weight_decay = blocks.checked(check.non_negative, weight_decay, "weight_decay")
+    weight_decay = blocks.checked(check.nonnegative, weight_decay, "weight_decay")
     return blocks.descent(scale_by_shampoo(b1, b2, eps, **kwargs), learning_rate,
                           weight_decay)

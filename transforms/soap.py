@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from landscape import _validate as check
 from transforms import _second_order_blocks as blocks
-from transforms import _second_order_validate as check
 
 _BASES = ("eigh", "qr")
 
@@ -180,15 +180,15 @@ def scale_by_soap(
       >>> state = opt.init(params)
       >>> updates, state = opt.update(grads, state, params)
     """
-    b2 = blocks.checked(check.decay, b2, "b2")
+    b2 = blocks.checked(check.unit_interval, b2, "b2")
     hp = dict(
-        b1=blocks.checked(check.decay, b1, "b1"), b2=b2,
-        eps=blocks.checked(check.non_negative, eps, "eps"),
-        shampoo_b2=b2 if shampoo_b2 is None else blocks.checked(check.decay, shampoo_b2,
+        b1=blocks.checked(check.unit_interval, b1, "b1"), b2=b2,
+        eps=blocks.checked(check.nonnegative, eps, "eps"),
+        shampoo_b2=b2 if shampoo_b2 is None else blocks.checked(check.unit_interval, shampoo_b2,
                                                           "shampoo_b2"),
         block_size=blocks.check_block_size(block_size),
         precondition_every=check.positive_int(precondition_every, "precondition_every"),
-        start=check.non_negative_int(start_preconditioning_step,
+        start=check.nonnegative_int(start_preconditioning_step,
                                      "start_preconditioning_step"),
         basis=check.choice(basis, "basis", _BASES))
 
@@ -242,6 +242,6 @@ def soap(
       >>> updates, state = opt.update(grads, state)
       >>> params = optax.apply_updates(params, updates)
     """
-    weight_decay = blocks.checked(check.non_negative, weight_decay, "weight_decay")
+    weight_decay = blocks.checked(check.nonnegative, weight_decay, "weight_decay")
     return blocks.descent(scale_by_soap(b1, b2, eps, **kwargs), learning_rate,
                           weight_decay)

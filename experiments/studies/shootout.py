@@ -219,10 +219,6 @@ def report(run_dir) -> list[str]:
     if missing:
         lines += ["", "Not in the table (no finished group in the store, or diverged at every "
                   "learning rate): " + ", ".join(missing) + "."]
-    if model != "mlp" and "kfac" in best:
-        lines += ["", "K-FAC preconditions dense layers only: here that is the classifier "
-                  "head; the convolution kernels receive the raw gradient times the "
-                  "learning rate (plain SGD)."]
     lines += ["", "![optimizer shoot-out](shootout.png)", ""]
     _figure(records, best, alone, path / "shootout.png")
     return lines

@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import experiments.config as cfglib
-import experiments.loop as loop
 import landscape as ls
 import transforms as tx
 from experiments import measures
@@ -154,7 +153,7 @@ def test_the_measure_table_is_the_one_list_of_names():
 
 
 def test_the_optimizer_sees_the_shared_global_step(problem, monkeypatch):
-    # Once `train_step` takes `step` (the refreshing optimizers' branch), the program
+    # The refreshing optimizers branch on `step`: the program
     # passes the unbatched scan index: one scalar per step for the whole group.
     model, x, y, _ = problem
     seen, real = [], tx.train_step
@@ -163,7 +162,6 @@ def test_the_optimizer_sees_the_shared_global_step(problem, monkeypatch):
         jax.debug.callback(lambda s: seen.append(np.asarray(s)), step)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_PASS_STEP", True)
     monkeypatch.setattr(tx, "train_step", train_step)
     program = make_group_program(model, _adam, Settings(6, BATCH, 3), x, y)
     jax.block_until_ready(program({"learning_rate": jnp.asarray([0.01, 0.02])},

@@ -47,8 +47,8 @@ def _one_line_error(study, override, names):
     return message
 
 
-def test_the_custom_studies_are_the_seven():
-    assert CUSTOM == ["gradient_flow", "plateaus", "ravine", "reparameterization",
+def test_the_custom_studies_are_these():
+    assert CUSTOM == ["block_heterogeneity", "gradient_flow", "mode_connectivity", "plateaus", "ravine", "reparameterization",
                       "saddle_escape", "saddles", "skip_connections"]
 
 
@@ -100,6 +100,9 @@ def test_every_key_of_the_wrong_type_names_the_key(study):
 
 
 BAD_VALUES = {
+    "block_heterogeneity": ["cnn.channels=[]", "transformer.num_heads=3",
+                            "compare.sgd_learning_rates=[]", 'compare.sgd="nope"',
+                            "compare.final_window=100000", "spectrum.num_examples=5000"],
     "gradient_flow": ["depth=2", "gains=[1.0, 0.0]", "activations=[]",
                       "num_examples=4001"],
     "plateaus": ["init_strength=0.3", "singular_values=[1.0, 1.0]", "depths=[0]"],
@@ -110,6 +113,8 @@ BAD_VALUES = {
     "saddle_escape": ["momentum=1.0", "distances=[0.5]", "stable_offset=0.5",
                       'methods=["newton"]'],
     "saddles": ['finder.method="newton"', "finder.tol_relative=0", "perturbations=-1"],
+    "mode_connectivity": ["train.seed_b=0", "curve.kinds=[]", 'curve.kinds=["line"]',
+                          "curve.batch_size=4001", "model.hidden=[]"],
     "skip_connections": ["surface.points=2", "measure.lanczos_steps=1",
                          "data.num_test=1001", 'name="a/b"'],
 }

@@ -4,6 +4,7 @@ equal to themselves run alone."""
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,3 +136,51 @@ def test_transformer_statistics_under_vmap_equal_each_member_alone():
         one = alone(jax.tree.map(lambda a: a[i], members))
         for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(one)):
             np.testing.assert_allclose(a[i], b, rtol=1e-9, atol=1e-12)
+
+
+_LAPACK = ("eigh", "cholesky", "triangular_solve", "geqrf", "householder_product", "lu")
+
+
+def _lapack_operand_ranks(jaxpr):
+    """(primitive, rank of its first operand) of every LAPACK call, recursively."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _LAPACK:
+            out.append((eqn.primitive.name, eqn.invars[0].aval.ndim))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _lapack_operand_ranks(sub)
+    return out
+
+
+@pytest.mark.parametrize("tikhonov", ["factored", "exact"])
+def test_a_vmapped_refresh_decomposes_one_matrix_at_a_time(problem, tikhonov):
+    """Batched `potrf`/`eigh` split their batch over XLA's CPU pool and block on it; two
+    at once deadlocked a 2-core machine (gdb: both pool threads in ParallelBatchMap).
+    Under vmap every LAPACK call must see a single matrix."""
+    params, batch, layers = problem
+    lrs = jnp.asarray([0.05, 0.1, 0.2])
+
+    def member(lr, state):
+        opt = tx.make("kfac", learning_rate=lr, layers=layers, tikhonov=tikhonov)
+        return _step(opt, params, state, batch, 0, 0).opt_state
+
+    states = jax.vmap(lambda lr: tx.make("kfac", learning_rate=lr, layers=layers,
+                                         tikhonov=tikhonov).init(params))(lrs)
+    jaxpr = jax.make_jaxpr(jax.vmap(member))(lrs, states)
+    ranks = _lapack_operand_ranks(jaxpr.jaxpr)
+    assert ranks and all(r == 2 for _, r in ranks), ranks
+
+
+@pytest.mark.timeout(120)
+def test_a_group_of_eight_never_hangs(problem):
+    """Eight members, three refresh periods, 20 times in a row (the runner's K-FAC group
+    hung in batched Cholesky before the refresh went one matrix at a time)."""
+    params, batch, layers = problem
+    hyper = {"lr": jnp.geomspace(0.01, 0.3, 8), "damping": jnp.full(8, 1e-2),
+             "decay": jnp.full(8, 0.95), "momentum": jnp.zeros(8)}
+    run = jax.jit(functools.partial(_run_group, layers))
+    first = jax.tree.leaves(run(params, batch, hyper)[0])
+    for _ in range(19):
+        for a, b in zip(jax.tree.leaves(run(params, batch, hyper)[0]), first):
+            np.testing.assert_array_equal(a, b)
+    assert all(np.all(np.isfinite(a)) for a in first)

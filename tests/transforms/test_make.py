@@ -276,8 +276,3 @@ def test_plain_optax_transform_through_train_step():
     want = _optax_steps(optax.adam(1e-2), steps=1)
     for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
-
-
-def test_accepts_traced_is_deprecated_and_always_true():
-    with pytest.warns(DeprecationWarning):
-        assert registry.accepts_traced("shampoo") and registry.accepts_traced("muon")

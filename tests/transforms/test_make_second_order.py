@@ -1,7 +1,6 @@
 """Shampoo, SOAP and K-FAC through `make` and `train_step` equal the direct transforms."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

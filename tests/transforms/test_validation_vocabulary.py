@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from landscape import _validate as v
-from transforms import _checks, _second_order_validate
 
 NUMERIC = [  # check, good values, bad values, expected phrase
     (v.positive, [1e-3, 2, np.float32(0.5), jnp.asarray(3.0)], [0, -1.0, np.inf, np.nan],
@@ -74,14 +73,3 @@ def test_static_choices_and_combinators():
     assert v.schedule_or(v.positive)(schedule, "lr") is schedule
     with pytest.raises(ValueError, match="`lr`"):
         v.schedule_or(v.positive)(-1.0, "lr")
-
-
-def test_deprecated_shims_map_the_old_names_onto_the_vocabulary():
-    old = _second_order_validate
-    assert old.decay(0.5, "b1") == 0.5 and old.decay(1.0, "b2", allow_one=True) == 1.0
-    with pytest.raises(ValueError, match=r"`b2` must be a number in \[0, 1\)"):
-        old.decay(1.0, "b2")
-    assert old.non_negative(0.0, "eps") == 0.0 and old.non_negative_int(0, "start") == 0
-    assert old.positive is v.positive and old.positive_int is v.positive_int
-    assert old.choice is v.choice
-    assert _checks.positive is v.positive and _checks.choice("a")("a", "x") == "a"
