@@ -72,8 +72,10 @@ def _abstract_operator(cfg, mesh, seqs, chunk):
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     toks = jax.ShapeDtypeStruct((seqs, cfg.seq + 1), jnp.int32,
                                 sharding=NamedSharding(mesh, P("data")))
-    H = ls.hessian(dec.loss_fn(cfg), params, toks, chunk_size=chunk)
-    return dataclasses.replace(H, layout=sharding.Layout(mesh, ("data",)))
+    # The builder checks the loss on a concrete first chunk (tokens are small).
+    H = ls.hessian(dec.loss_fn(cfg), params, jnp.zeros(toks.shape, toks.dtype),
+                   chunk_size=chunk)
+    return dataclasses.replace(H, batch=toks, layout=sharding.Layout(mesh, ("data",)))
 
 
 def _mem_line(label, mem):
