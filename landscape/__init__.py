@@ -16,10 +16,11 @@ from landscape.operators import (
     ggn,
     hessian,
     per_example_grads,
+    prepared,
 )
 from landscape.per_block import BlockReport, per_block
 from landscape.probes import ProbePlan, probes_for
-from landscape.sharding import shard, shard_batch
+from landscape.sharding import shard, shard_batch, shard_params
 from landscape.spectrum import Density, Eigen, density, eigenvalues, lanczos
 from landscape.trace import DiagonalEstimate, TraceEstimate, diagonal, trace
 
@@ -31,8 +32,8 @@ __all__ = [
     "eigenvalues", "fisher", "ggn", "hessian", "lanczos", "mse", "per_example_grads",
     "trace",
 ]
-__all__ += ["BlockOperator", "BlockReport", "ProbePlan", "per_block", "probes_for",
-            "shard", "shard_batch"]
+__all__ += ["BlockOperator", "BlockReport", "ProbePlan", "per_block", "prepared", "probes_for",
+            "shard", "shard_batch", "shard_params"]
 
 # Sharpness, loss surfaces, gradient noise, reparameterization (`landscape.plot` draws
 # them; it is not imported here so that `import landscape` does not load matplotlib).

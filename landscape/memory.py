@@ -20,12 +20,15 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
-import jax.numpy as jnp
+
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from landscape import _validate
+from landscape import _vectors as V
 
-__all__ = ["ChunkChoice", "MemoryEstimate", "chunk_size_for_budget", "default_budget",
-           "matvec_memory", "memory_estimate", "tree_bytes"]
+__all__ = ["ChunkChoice", "DeviceMemory", "MemoryEstimate", "chunk_size_for_budget",
+           "default_budget", "device_bytes", "device_memory", "matvec_memory",
+           "memory_estimate", "tree_bytes"]
 
 
 class MemoryEstimate(NamedTuple):
@@ -82,9 +85,7 @@ def matvec_memory(op: Any) -> MemoryEstimate:
     if not hasattr(op, "matvec") or not hasattr(op, "params"):
         raise ValueError("`op` must be a landscape operator (with `matvec` and `params`); "
                          f"got {type(op).__name__}.")
-    v = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)),
-                     op.params)
-    return memory_estimate(lambda o, w: o.matvec(w), op, v)
+    return memory_estimate(lambda o, w: o.matvec(w), op, _abstract(op.params))
 
 
 def tree_bytes(tree: Any) -> int:
@@ -95,6 +96,83 @@ def tree_bytes(tree: Any) -> int:
     """
     return sum(int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(tree))
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes of a pytree's arrays held by one device: each leaf's shard (its full size
+    when it is not split, e.g. replicated or on one device)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = np.shape(x)
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and hasattr(sharding, "shard_shape"):
+            shape = sharding.shard_shape(shape)
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+class DeviceMemory(NamedTuple):
+    """Per-device bytes of an operator's programs (`device_memory`).
+
+    matvec: XLA's analysis of one compiled product (per device for a partitioned
+      program: arguments, i.e. the device's shards of params and data, + temporaries).
+    lanczos_step: one Lanczos step with a `num_steps`-row basis: the product, its
+      re-orthogonalization against the basis and the basis itself as an argument.
+    basis: bytes of the `num_steps`-row basis held by one device.
+    params: bytes of the parameters held by one device; `params_total`: all of them.
+    """
+
+    matvec: MemoryEstimate
+    lanczos_step: MemoryEstimate
+    basis: int
+    params: int
+    params_total: int
+
+
+def _abstract(tree: Any, rows: int | None = None) -> Any:
+    """ShapeDtypeStructs like `tree` (with a leading axis of `rows`), keeping each
+    leaf's sharding (the rows axis unsplit)."""
+    def one(x):
+        shape = (() if rows is None else (rows,)) + tuple(np.shape(x))
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding):
+            spec = tuple(s.spec) + (None,) * (np.ndim(x) - len(s.spec))
+            s = NamedSharding(s.mesh, P(*((None,) if rows is not None else ()), *spec))
+            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=s)
+        return jax.ShapeDtypeStruct(shape, x.dtype)
+
+    return jax.tree.map(one, tree)
+
+
+def device_memory(op: Any, num_steps: int = 30) -> DeviceMemory:
+    """Per-device memory of `op`'s products and of a `num_steps`-row Lanczos basis, from
+    the compiled programs (nothing runs).
+
+    For an operator whose parameters are sharded (`ls.shard(op, mesh=...)`) XLA's
+    analysis is of the partitioned program, i.e. one device's share. `num_steps` is the
+    basis `eigenvalues` allocates: its `max_steps` (default `max(3k, k + 30)` rows for
+    k wanted values: 31 for λ_max).
+
+    Example:
+      >>> mesh = jax.make_mesh((2, 4), ("data", "model"))
+      >>> H = ls.shard(ls.hessian(loss_fn, params, batch, chunk_size=8), mesh=mesh)
+      >>> mem = ls.memory.device_memory(H, num_steps=33)
+      >>> mem.matvec.total / 2**30, mem.basis / 2**30          # GiB per device
+    """
+    num_steps = _validate.positive_int(num_steps, "num_steps")
+    matvec = matvec_memory(op)
+    basis = _abstract(op.params, num_steps)
+    q = _abstract(op.params)
+
+    def step(o, basis, q):
+        w = o.matvec(q)
+        w = V.axpy(-V.dot(q, w), q, w)
+        w = V.orthogonalize(basis, w)
+        return V.scale(1.0 / V.norm(w), w)
+
+    lanczos = memory_estimate(step, op, basis, q)
+    per_row = device_bytes(op.params)
+    return DeviceMemory(matvec, lanczos, num_steps * per_row, per_row, tree_bytes(op.params))
 
 
 def default_budget(fraction: float = 0.25, device: Any = None) -> int:
@@ -123,7 +201,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def chunk_size_for_budget(build: Callable[[int | None], Any], budget_bytes: int, *,
-                          num_examples: int, candidates: Any = None) -> ChunkChoice:
+                          num_examples: int, candidates: Any = None,
+                          data_devices: int = 1) -> ChunkChoice:
     """The largest chunk size whose matvec fits in `budget_bytes`, by compiling.
 
     `build(chunk_size)` returns an operator (e.g. `lambda c: ls.ggn(apply_fn, params,
@@ -131,6 +210,11 @@ def chunk_size_for_budget(build: Callable[[int | None], Any], budget_bytes: int,
     assuming memory grows with the chunk) and measured with `matvec_memory`. The budget
     counts everything the call holds (`MemoryEstimate.total`): data and parameters as
     well as temporaries, so it must exceed the data's own size.
+
+    On a mesh: let `build` return the sharded operator (`ls.shard(op, mesh=...)`); the
+    compiled program is then the partitioned one and `budget_bytes` is per device. Pass
+    `data_devices` (the size of the mesh's data axis) so the default candidates are
+    chunks that split evenly over it (multiples of it that divide `num_examples`).
 
     Args:
       build: `build(chunk_size) -> operator`; `chunk_size=None` means no chunking.
@@ -158,8 +242,9 @@ def chunk_size_for_budget(build: Callable[[int | None], Any], budget_bytes: int,
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) \
             or not budget_bytes > 0:
         raise ValueError(f"`budget_bytes` must be a positive number; got {budget_bytes!r}.")
+    data_devices = _validate.positive_int(data_devices, "data_devices")
     if candidates is None:
-        sizes = _divisors(n)
+        sizes = [c for c in _divisors(n) if c % data_devices == 0] or [n]
     else:
         sizes = sorted({int(_validate.positive_int(c, "candidates[i]")) for c in candidates})
         if not sizes or sizes[-1] > n:

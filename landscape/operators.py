@@ -60,7 +60,7 @@ class _OperatorMethods:
 
     @property
     def dtype(self):
-        return ravel_pytree(self.params)[0].dtype
+        return jnp.result_type(*jax.tree.leaves(self.params))
 
     def matmat(self, vs: Any) -> Any:
         """`matvec` of each slice of `vs` (a pytree like params with a leading axis)."""
@@ -115,7 +115,7 @@ class LinearOperator(_OperatorMethods):
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("params", "batch", "key"),
                    meta_fields=("kind", "fn", "loss", "chunk_size", "num_samples",
-                                "shards"))
+                                "shards", "layout"))
 @dataclasses.dataclass(frozen=True)
 class CurvatureOperator(_OperatorMethods):
     """Hessian, GGN or Fisher of a mean loss at `params` on `batch`.
@@ -133,6 +133,7 @@ class CurvatureOperator(_OperatorMethods):
     batch: Any
     key: jax.Array | None = None
     shards: Any = None
+    layout: Any = None  # `sharding.Layout` when the parameters are sharded over a mesh
 
     @property
     def num_examples(self) -> int:
@@ -151,6 +152,9 @@ class CurvatureOperator(_OperatorMethods):
     def _mean(self, fn: Callable, *args: Any) -> Any:
         """Exact mean over the examples of `fn(op, chunk, index, *args)`, split over the
         devices in `shards` when there are any."""
+        if self.layout is not None:
+            return chunk_mean(lambda chunk, i: fn(self, chunk, i, *args), self.batch,
+                              self.chunk_size, place=self.layout.place_chunk)
         if self.shards is None:
             return chunk_mean(lambda chunk, i: fn(self, chunk, i, *args), self.batch,
                               self.chunk_size)

@@ -14,9 +14,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from landscape import _validate
+from landscape import _vectors as V
 from landscape.blocks import path_name, restrict
 from landscape.layers import default_layer
 from landscape.spectrum import Density, density as _density, eigenvalues
@@ -76,13 +76,12 @@ def _block_predicates(params: Any, blocks: Blocks) -> dict[str, Callable[[str, A
 
 
 def _masks(params: Any, predicates: dict) -> np.ndarray:
-    """`(num_blocks, size)` 0/1 rows marking each block's entries in ravel order."""
+    """`(num_blocks, num_leaves)` 0/1 rows marking the leaves of each block (in
+    `jax.tree.leaves` order)."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     rows = []
     for name, select in predicates.items():
-        row = [np.full(int(np.size(leaf)), bool(select(path_name(path), leaf)))
-               for path, leaf in leaves]
-        row = np.concatenate(row)
+        row = np.array([bool(select(path_name(path), leaf)) for path, leaf in leaves])
         if not row.any():
             raise ValueError(f"Block {name!r} of `blocks` selects no parameter; paths "
                              f"look like {[path_name(p) for p, _ in leaves[:3]]}.")
@@ -92,12 +91,17 @@ def _masks(params: Any, predicates: dict) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "block", "mode"))
 def _shared_trace(op, key, masks, *, num_probes, block, mode):
-    mv, flat = prepared(op, mode).flat_matvec()
+    mv = prepared(op, mode).matvec
     # The same probes as `ls.trace(op, method="hutchinson")`: the blocks' samples add
     # up to its samples exactly.
-    z = jax.random.rademacher(key, (num_probes, flat.shape[0]), flat.dtype)
-    samples = jax.lax.map(lambda zi: masks @ (zi * mv(zi)), z,
-                          batch_size=block if block > 1 else None)  # (probes, blocks)
+    z = V.rademacher(key, op.params, num_probes)
+
+    def one(zi):
+        per_leaf = jnp.stack([jnp.vdot(a, b) for a, b in zip(V.leaves(zi),
+                                                              V.leaves(mv(zi)))])
+        return masks @ per_leaf
+
+    samples = jax.lax.map(one, z, batch_size=block if block > 1 else None)  # (probes, blocks)
     return _mean_and_error(samples)
 
 
@@ -154,9 +158,10 @@ def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
     _validate.choice(mode, "mode", MODES)
     predicates = _block_predicates(op.params, blocks)
     masks = _masks(op.params, predicates)
+    sizes = np.array([int(np.size(x)) for x in jax.tree.leaves(op.params)])
     k_eig, k_trace, k_den = jax.random.split(key, 3)
     if trace_method == "shared":
-        dtype = ravel_pytree(op.params)[0].dtype
+        dtype = op.dtype
         traces, errors = _shared_trace(op, k_trace, jnp.asarray(masks, dtype),
                                        num_probes=trace_probes, mode=mode,
                                        block=block_size_for(op, trace_probes, block_size))
@@ -166,7 +171,7 @@ def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
         block = restrict(op, select)
         # A block smaller than k (a bias) reports all of its eigenvalues.
         eig = eigenvalues(block, min(k, block.size), key=jax.random.fold_in(k_eig, i),
-                          num_steps=num_steps, tol=tol)
+                          num_steps=num_steps, tol=tol, mode=mode)
         if trace_method == "shared":
             tr, err = traces[i], errors[i]
         else:
@@ -174,7 +179,8 @@ def per_block(op, blocks: Blocks = None, *, key: jax.Array, k: int = 1,
                          num_probes=max(trace_probes, 3), block_size=block_size, mode=mode)
             tr, err = est.value, est.std_error
         den = _density(block, key=jax.random.fold_in(k_den, i),
-                       num_probes=density_probes, num_steps=density_steps) if density else None
-        reports[name] = BlockReport(int(masks[i].sum()), eig.values, eig.residuals,
+                       num_probes=density_probes, num_steps=density_steps,
+                       mode=mode) if density else None
+        reports[name] = BlockReport(int(masks[i] @ sizes), eig.values, eig.residuals,
                                     eig.converged, tr, err, den)
     return reports

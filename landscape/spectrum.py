@@ -1,6 +1,8 @@
 """Eigenvalues and spectral density of any symmetric operator on parameter pytrees.
 
-Lanczos with full re-orthogonalization runs on the flattened parameter vector. By
+Lanczos with full re-orthogonalization runs on parameter pytrees: the basis, probes and
+eigenvectors keep the parameters' leaves (and their sharding over a mesh; nothing is
+flattened into one replicated vector, see `landscape._vectors`). By
 default `eigenvalues` is adaptive: one `lax.while_loop` that stops when the recurrence's
 residual estimates of the wanted Ritz pairs meet `tol`, followed (for k >= 2) by
 deflated checks for copies of repeated eigenvalues a single Krylov space cannot hold;
@@ -17,9 +19,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
-
 from landscape import _validate
+from landscape import _vectors as V
+from landscape.operators import MODES, prepared
 
 
 class Eigen(NamedTuple):
@@ -52,47 +54,53 @@ class Eigen(NamedTuple):
     checked: jax.Array | None = None
 
 
-def _orthogonalize(basis: jax.Array, w: jax.Array) -> jax.Array:
-    """Remove the span of the rows of `basis` from `w` (two classical Gram-Schmidt passes)."""
-    w = w - basis.T @ (basis @ w)
-    return w - basis.T @ (basis @ w)
+def _info(v) -> tuple[int, Any]:
+    """(dimension, dtype) of a vector pytree."""
+    leaves = V.leaves(v)
+    return sum(int(x.size) for x in leaves), jnp.result_type(*leaves)
 
 
-def lanczos(mv, v0: jax.Array, num_steps: int, key: jax.Array):
+def _unit(v):
+    return V.scale(1.0 / V.norm(v), v)
+
+
+def _restart_vector(basis, key, like):
+    r = V.orthogonalize(basis, V.normal(key, like))
+    dtype = _info(like)[1]
+    return V.scale(1.0 / jnp.maximum(V.norm(r), jnp.finfo(dtype).tiny), r)
+
+
+def lanczos(mv, v0: Any, num_steps: int, key: jax.Array):
     """`num_steps` Lanczos steps from `v0` with full re-orthogonalization.
 
-    Returns `(alphas, betas, basis)`: the tridiagonal matrix's diagonal `(m,)`, its
-    couplings `(m,)` (`betas[j]` couples steps j and j+1; zero marks a restart) and the
-    orthonormal basis `(m, n)`.
+    `v0` is a flat vector or a pytree like the parameters (`mv` maps such vectors to
+    such vectors). Returns `(alphas, betas, basis)`: the tridiagonal matrix's diagonal
+    `(m,)`, its couplings `(m,)` (`betas[j]` couples steps j and j+1; zero marks a
+    restart) and the orthonormal basis, `(m, n)` for a flat `v0` and otherwise a
+    pytree like `v0` with a leading axis m.
     """
-    n = v0.shape[0]
-    dtype = v0.dtype
+    n, dtype = _info(v0)
     tol = 10.0 * jnp.sqrt(n) * jnp.finfo(dtype).eps
-    basis = jnp.zeros((num_steps, n), dtype)
+    basis = V.zeros(v0, num_steps)
 
     def step(carry, j):
         basis, q, q_prev, beta_prev, scale, key = carry
-        basis = basis.at[j].set(q)
+        basis = V.set_row(basis, j, q)
         w = mv(q)
-        alpha = jnp.vdot(q, w)
-        w = _orthogonalize(basis, w - alpha * q - beta_prev * q_prev)
-        beta = jnp.linalg.norm(w)
+        alpha = V.dot(q, w)
+        w = V.orthogonalize(basis, V.axpy(-beta_prev, q_prev, V.axpy(-alpha, q, w)))
+        beta = V.norm(w)
         scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
         key, sub = jax.random.split(key)
         broke = beta <= tol * scale
-
-        def restart(_):
-            r = _orthogonalize(basis, jax.random.normal(sub, (n,), dtype))
-            return r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(dtype).tiny)
-
-        q_next = jax.lax.cond(broke, restart,
-                              lambda _: w / jnp.where(broke, 1.0, beta), None)
+        q_next = jax.lax.cond(broke, lambda: _restart_vector(basis, sub, v0),
+                              lambda: V.scale(1.0 / jnp.where(broke, 1.0, beta), w))
         beta = jnp.where(broke, 0.0, beta)
         return (basis, q_next, q, beta, scale, key), (alpha, beta)
 
-    q0 = v0 / jnp.linalg.norm(v0)
+    q0 = _unit(v0)
     zero = jnp.zeros((), dtype)
-    init = (basis, q0, jnp.zeros_like(q0), zero, zero, key)
+    init = (basis, q0, V.zeros(q0), zero, zero, key)
     (basis, *_), (alphas, betas) = jax.lax.scan(step, init, jnp.arange(num_steps))
     return alphas, betas, basis
 
@@ -115,19 +123,25 @@ def _pick(values: jax.Array, k: int, which: str) -> jax.Array:
 
 def _residuals(mv, values, vectors):
     av = jax.lax.map(mv, vectors)
-    return jnp.linalg.norm(av - values[:, None] * vectors, axis=1)
+    return V.row_norms(jax.tree.map(
+        lambda a, x: a - values.reshape((-1,) + (1,) * (x.ndim - 1)) * x, av, vectors))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "which", "num_steps"))
-def _lanczos_eigen(op, key, *, k, which, num_steps):
-    mv, flat = op.flat_matvec()
+def _products(op, mode, budget):
+    """The pytree matvec of `op`, prepared for many products (`ls.prepared`)."""
+    return prepared(op, mode, budget).matvec
+
+
+@functools.partial(jax.jit, static_argnames=("k", "which", "num_steps", "mode", "budget"))
+def _lanczos_eigen(op, key, *, k, which, num_steps, mode, budget):
+    mv = _products(op, mode, budget)
     k_start, k_restart = jax.random.split(key)
-    v0 = jax.random.normal(k_start, flat.shape, flat.dtype)
+    v0 = V.normal(k_start, op.params)
     alphas, betas, basis = lanczos(mv, v0, num_steps, k_restart)
     theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
     idx = _pick(theta, k, which)
     values = theta[idx]
-    vectors = s[:, idx].T @ basis
+    vectors = V.combine(s[:, idx], basis)
     return values, vectors, _residuals(mv, values, vectors), op.value()
 
 
@@ -143,12 +157,12 @@ class _Ritz(NamedTuple):
 
 class _State(NamedTuple):
     j: jax.Array          # row of the vector `q` about to be applied
-    basis: jax.Array      # (cap, n), rows 0..j-1 filled
+    basis: Any            # stack of cap vectors (pytrees), rows 0..j-1 filled
     alphas: jax.Array     # (cap,) diagonal of T
     couple: jax.Array     # (cap,) couple[r] links rows r and r+1 (0 at a restart)
     out: jax.Array        # (cap,) the β dropped at a breakdown restart (round-off size)
-    q: jax.Array
-    q_prev: jax.Array
+    q: Any
+    q_prev: Any
     beta_prev: jax.Array
     scale: jax.Array
     done: jax.Array
@@ -178,27 +192,23 @@ def _ritz(st: _State, beta, *, k, which, tol) -> _Ritz:
     return _Ritz(theta[idx], s[:, idx], (st.j + 1 >= idx.shape[0]) & jnp.all(ok))
 
 
-def _restart_vector(basis, key, n, dtype):
-    r = _orthogonalize(basis, jax.random.normal(key, (n,), dtype))
-    return r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(dtype).tiny)
-
-
 def _adaptive_step(mv, st: _State, *, k, which, tol) -> tuple[_State, _Ritz]:
     """One Lanczos product (as `lanczos`), then the stopping test."""
-    cap, n = st.basis.shape
-    dtype, j = st.basis.dtype, st.j
-    basis = st.basis.at[j].set(st.q)
+    cap = st.alphas.shape[0]
+    n, dtype = _info(st.q)
+    j = st.j
+    basis = V.set_row(st.basis, j, st.q)
     w = mv(st.q)
-    alpha = jnp.vdot(st.q, w)
-    w = _orthogonalize(basis, w - alpha * st.q - st.beta_prev * st.q_prev)
-    beta = jnp.linalg.norm(w)
+    alpha = V.dot(st.q, w)
+    w = V.orthogonalize(basis, V.axpy(-st.beta_prev, st.q_prev, V.axpy(-alpha, st.q, w)))
+    beta = V.norm(w)
     scale = jnp.maximum(st.scale, jnp.maximum(jnp.abs(alpha), beta))
     broke = beta <= 10.0 * jnp.sqrt(n) * jnp.finfo(dtype).eps * scale
     st = st._replace(basis=basis, alphas=st.alphas.at[j].set(alpha))
     ritz = _ritz(st, beta, k=k, which=which, tol=tol)
     key, sub = jax.random.split(st.key)
-    q_next = jax.lax.cond(broke, lambda: _restart_vector(basis, sub, n, dtype),
-                          lambda: w / jnp.where(broke, 1.0, beta))
+    q_next = jax.lax.cond(broke, lambda: _restart_vector(basis, sub, st.q),
+                          lambda: V.scale(1.0 / jnp.where(broke, 1.0, beta), w))
     return st._replace(
         j=j + 1, couple=st.couple.at[j].set(jnp.where(broke, 0.0, beta)),
         out=st.out.at[j].set(jnp.where(broke, beta, 0.0)), q=q_next, q_prev=st.q,
@@ -211,23 +221,23 @@ def _adaptive_run(mv, v0, key, tol, *, k, which, cap):
 
     Returns `(values, vectors, steps)`, the wanted pairs ordered as `_pick` orders them.
     """
-    n, dtype = v0.shape[0], v0.dtype
+    dtype = _info(v0)[1]
     zero, wanted = jnp.zeros((), dtype), 2 * k if which == "both" else k
-    st = _State(j=jnp.zeros((), jnp.int32), basis=jnp.zeros((cap, n), dtype),
+    st = _State(j=jnp.zeros((), jnp.int32), basis=V.zeros(v0, cap),
                 alphas=jnp.zeros((cap,), dtype), couple=jnp.zeros((cap,), dtype),
-                out=jnp.zeros((cap,), dtype), q=v0 / jnp.linalg.norm(v0),
-                q_prev=jnp.zeros((n,), dtype), beta_prev=zero, scale=zero,
+                out=jnp.zeros((cap,), dtype), q=_unit(v0),
+                q_prev=V.zeros(v0), beta_prev=zero, scale=zero,
                 done=jnp.zeros((), bool), key=key)
     ritz = _Ritz(jnp.zeros((wanted,), dtype), jnp.zeros((cap, wanted), dtype),
                  jnp.zeros((), bool))
     step = functools.partial(_adaptive_step, mv, k=k, which=which, tol=tol)
     st, ritz = jax.lax.while_loop(lambda c: ~c[0].done, lambda c: step(c[0]), (st, ritz))
-    return ritz.values, ritz.coeffs.T @ st.basis, st.j
+    return ritz.values, V.combine(ritz.coeffs, st.basis), st.j
 
 
 class _Found(NamedTuple):
     values: jax.Array   # (wanted,) ordered as `_pick` orders them
-    vectors: jax.Array  # (wanted, n) orthonormal
+    vectors: Any        # stack of `wanted` orthonormal vectors (pytrees)
     steps: jax.Array    # Lanczos products so far
     checks: jax.Array   # check runs made
     new: jax.Array      # the last check found a value beyond the k-th
@@ -240,15 +250,17 @@ def _merge(found: _Found, z_vals, z_vecs, *, k, which, tol):
     sides = {"top": [(0, 0, True)], "bottom": [(0, 0, False)],
              "both": [(0, 0, True), (k, 1, False)]}[which]
     for start, zi, hi in sides:
-        side_v, side_x = values[start:start + k], vectors[start:start + k]
+        side_v = values[start:start + k]
+        side_x = jax.tree.map(lambda x: x[start:start + k], vectors)
         edge, z = side_v[-1], z_vals[zi]
         beats = (z > edge + tol * jnp.abs(edge)) if hi else (z < edge - tol * jnp.abs(edge))
         cand_v = jnp.concatenate([side_v, z[None]])
-        cand_x = jnp.concatenate([side_x, z_vecs[zi][None]])
+        cand_x = V.concat(side_x, jax.tree.map(lambda x: x[zi][None], z_vecs))
         order = jnp.argsort(-cand_v if hi else cand_v)[:k]
         values = values.at[start:start + k].set(jnp.where(beats, cand_v[order], side_v))
-        vectors = vectors.at[start:start + k].set(
-            jnp.where(beats, cand_x[order], side_x))
+        vectors = jax.tree.map(
+            lambda all_, c, sx: all_.at[start:start + k].set(jnp.where(beats, c[order], sx)),
+            vectors, cand_x, side_x)
         new = new | beats
     return values, vectors, new
 
@@ -263,22 +275,24 @@ def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks) -> _Fou
     found pairs' own residual size. A missed copy of a repeated eigenvalue (or a missed
     eigenvalue) beats the k-th value and joins; the checks end when one finds nothing.
     """
-    n, dtype = found.vectors.shape[1], found.vectors.dtype
+    like = V.row(found.vectors, 0)
     inner = "both" if which == "both" else which
 
     def body(f: _Found) -> _Found:
         y = f.vectors
 
         def deflated(x):
-            x = _orthogonalize(y, x)
-            return _orthogonalize(y, mv(x))
+            x = V.orthogonalize(y, x)
+            return V.orthogonalize(y, mv(x))
 
         key, k_v, k_r = jax.random.split(f.key, 3)
-        v0 = _orthogonalize(y, jax.random.normal(k_v, (n,), dtype))
+        v0 = V.orthogonalize(y, V.normal(k_v, like))
         z_vals, z_vecs, steps = _adaptive_run(deflated, v0, k_r, tol, k=1, which=inner,
                                               cap=cap)
-        z_vecs = _orthogonalize(y, z_vecs.T).T
-        z_vecs = z_vecs / jnp.linalg.norm(z_vecs, axis=1, keepdims=True)
+        z_vecs = V.orthogonalize_rows(y, z_vecs)
+        z_norms = V.row_norms(z_vecs)
+        z_vecs = jax.tree.map(
+            lambda x: x / z_norms.reshape((-1,) + (1,) * (x.ndim - 1)), z_vecs)
         values, vectors, new = _merge(f, z_vals, z_vecs, k=k, which=which, tol=tol)
         return _Found(values, vectors, f.steps + steps, f.checks + 1, new, key)
 
@@ -286,13 +300,13 @@ def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks) -> _Fou
                               found._replace(new=jnp.ones((), bool)))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "which", "cap", "max_checks"))
-def _adaptive_eigen(op, key, tol, init, *, k, which, cap, max_checks):
+@functools.partial(jax.jit, static_argnames=("k", "which", "cap", "max_checks", "mode",
+                                             "budget"))
+def _adaptive_eigen(op, key, tol, init, *, k, which, cap, max_checks, mode, budget):
     """The adaptive Lanczos run, the repeat checks, then true residuals (one product each)."""
-    mv, flat = op.flat_matvec()
-    n, dtype = flat.shape[0], flat.dtype
+    mv = _products(op, mode, budget)
     k_start, k_restart = jax.random.split(key)
-    v0 = jax.random.normal(k_start, (n,), dtype) if init is None else init
+    v0 = V.normal(k_start, op.params) if init is None else init
     values, vectors, steps = _adaptive_run(mv, v0, k_restart, tol, k=k, which=which, cap=cap)
     found = _Found(values, vectors, steps, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
                    jax.random.fold_in(k_restart, 1))
@@ -305,20 +319,18 @@ def _adaptive_eigen(op, key, tol, init, *, k, which, cap, max_checks):
             checked)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "max_iters"))
-def _power_eigen(op, key, tol, *, k, max_iters):
-    mv, flat = op.flat_matvec()
-    n = flat.shape[0]
-    values = jnp.zeros((k,), flat.dtype)
-    vectors = jnp.zeros((k, n), flat.dtype)
+@functools.partial(jax.jit, static_argnames=("k", "max_iters", "mode", "budget"))
+def _power_eigen(op, key, tol, *, k, max_iters, mode, budget):
+    mv = _products(op, mode, budget)
+    dtype = _info(op.params)[1]
+    values = jnp.zeros((k,), dtype)
+    vectors = V.zeros(op.params, k)
     count = jnp.asarray(2 * k)  # per pair: the final Rayleigh quotient and the residual
     for i in range(k):
         def deflated(x, values=values, vectors=vectors):
-            return mv(x) - vectors.T @ (values * (vectors @ x))
+            return V.sub(mv(x), V.combine(values * V.coefficients(vectors, x), vectors))
 
-        v = _orthogonalize(vectors, jax.random.normal(jax.random.fold_in(key, i), (n,),
-                                                      flat.dtype))
-        v = v / jnp.linalg.norm(v)
+        v = _unit(V.orthogonalize(vectors, V.normal(jax.random.fold_in(key, i), op.params)))
 
         def cond(state):
             it, _, lam, lam_prev = state
@@ -327,18 +339,24 @@ def _power_eigen(op, key, tol, *, k, max_iters):
 
         def body(state):
             it, v, lam, _ = state
-            w = deflated(v)
-            w = _orthogonalize(vectors, w)
-            return it + 1, w / jnp.linalg.norm(w), jnp.vdot(v, w), lam
+            w = V.orthogonalize(vectors, deflated(v))
+            return it + 1, _unit(w), V.dot(v, w), lam
 
-        init = (0, v, jnp.zeros((), flat.dtype), jnp.zeros((), flat.dtype))
+        init = (0, v, jnp.zeros((), dtype), jnp.zeros((), dtype))
         its, v, lam, _ = jax.lax.while_loop(cond, body, init)
         count = count + its
-        values = values.at[i].set(jnp.vdot(v, mv(v)))
-        vectors = vectors.at[i].set(v)
+        values = values.at[i].set(V.dot(v, mv(v)))
+        vectors = V.set_row(vectors, i, v)
     order = jnp.argsort(-values)
-    values, vectors = values[order], vectors[order]
+    values, vectors = values[order], jax.tree.map(lambda x: x[order], vectors)
     return values, vectors, _residuals(mv, values, vectors), op.value(), count
+
+
+def _check_mode(mode, budget) -> None:
+    _validate.choice(mode, "mode", MODES)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or budget <= 0):
+        raise ValueError(f"`budget` must be a positive number of bytes; got {budget!r}.")
 
 
 def _fixed_steps(n: int, wanted: int) -> int:
@@ -346,7 +364,7 @@ def _fixed_steps(n: int, wanted: int) -> int:
 
 
 def _start_vector(init, op) -> jax.Array | None:
-    """The sum of a previous result's eigenvectors, flattened: a warm start."""
+    """The sum of a previous result's eigenvectors: a warm start."""
     if init is None:
         return None
     if not isinstance(init, Eigen):
@@ -357,11 +375,11 @@ def _start_vector(init, op) -> jax.Array | None:
         raise ValueError("`init.vectors` must be a pytree like params with a leading axis.")
     _validate.same_structure(jax.tree.map(lambda x: x[0], init.vectors), op.params,
                              name="init.vectors[i]")
-    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(init.vectors)
-    return jnp.sum(flat, axis=0).astype(op.dtype)
+    return jax.tree.map(lambda x, p: jnp.sum(x, axis=0).astype(jnp.result_type(p)),
+                        init.vectors, op.params)
 
 
-def _lanczos_call(op, key, k, which, tol, num_steps, max_steps, check, init):
+def _lanczos_call(op, key, k, which, tol, num_steps, max_steps, check, init, mode, budget):
     """Dispatch to the fixed-step or the adaptive routine; returns its raw outputs."""
     n = op.size
     wanted = 2 * k if which == "both" else k
@@ -374,7 +392,7 @@ def _lanczos_call(op, key, k, which, tol, num_steps, max_steps, check, init):
             raise ValueError(f"`num_steps`={num_steps} is fewer than the {wanted} "
                              "eigenvalues asked for.")
         values, vectors, res, loss = _lanczos_eigen(op, key, k=k, which=which,
-                                                    num_steps=steps)
+                                                    num_steps=steps, mode=mode, budget=budget)
         return values, vectors, res, loss, jnp.asarray(steps + wanted), jnp.asarray(k == 1)
     checks = (wanted + 1) if (check and k > 1) else 0
     if max_steps is None:
@@ -385,7 +403,8 @@ def _lanczos_call(op, key, k, which, tol, num_steps, max_steps, check, init):
         raise ValueError(f"`max_steps`={max_steps} is fewer than the {wanted} eigenvalues "
                          "asked for.")
     out = _adaptive_eigen(op, key, jnp.asarray(tol, op.dtype), _start_vector(init, op),
-                          k=k, which=which, cap=cap, max_checks=checks)
+                          k=k, which=which, cap=cap, max_checks=checks, mode=mode,
+                          budget=budget)
     return (*out[:5], out[5] | (k == 1))
 
 
@@ -393,7 +412,8 @@ def eigenvalues(op, k: int = 1, *, key: jax.Array, which: str = "top",
                 tol: float | None = None, num_steps: int | None = None,
                 max_steps: int | None = None, check: bool | None = None,
                 init: Eigen | None = None, method: str = "lanczos",
-                max_iters: int = 100) -> Eigen:
+                max_iters: int = 100, mode: str = "auto",
+                budget: int | None = None) -> Eigen:
     """Extreme eigenvalues and eigenvectors of a symmetric operator.
 
     `method="lanczos"` (default) is adaptive: Lanczos with full re-orthogonalization
@@ -446,6 +466,11 @@ def eigenvalues(op, k: int = 1, *, key: jax.Array, which: str = "top",
         for `w` wanted values, the fixed-step default); memory `max_steps × n`.
       check: look for missed copies of repeated eigenvalues (default: for cold starts).
       init: a previous `Eigen` to warm-start from.
+      mode, budget: how the operator is prepared for its many products
+        (`ls.prepared`): `"auto"` (default) linearizes the gradient (or the model's
+        outputs) once inside the routine when the stored residuals fit `budget` bytes
+        (default a quarter of the device's memory), so each product runs only its
+        tangent; `"linearize"` always, `"plain"` never. Values agree to rounding.
 
     Returns:
       `Eigen(values, vectors, residuals, converged, num_matvecs, checked)`.
@@ -458,6 +483,7 @@ def eigenvalues(op, k: int = 1, *, key: jax.Array, which: str = "top",
     """
     _validate.choice(which, "which", ("top", "bottom", "both"))
     _validate.choice(method, "method", ("lanczos", "power"))
+    _check_mode(mode, budget)
     k = _validate.positive_int(k, "k")
     if tol is None:
         tol = 1e-3 if method == "power" else 1e-2
@@ -470,20 +496,20 @@ def eigenvalues(op, k: int = 1, *, key: jax.Array, which: str = "top",
     if wanted > n:
         raise ValueError(f"`k`={k} asks for {wanted} eigenvalues of an operator of "
                          f"dimension {n}.")
-    unravel = ravel_pytree(op.params)[1]
     if method == "power":
         if which != "top":
             raise ValueError("method='power' finds only which='top'; use 'lanczos'.")
         iters = _validate.positive_int(max_iters, "max_iters")
-        values, vectors, res, loss, count = _power_eigen(op, key, tol, k=k, max_iters=iters)
+        values, vectors, res, loss, count = _power_eigen(op, key, tol, k=k, max_iters=iters,
+                                                         mode=mode, budget=budget)
         checked = jnp.asarray(k == 1)
     else:
         values, vectors, res, loss, count, checked = _lanczos_call(
             op, key, k, which, tol, num_steps, max_steps,
-            (init is None) if check is None else check, init)
+            (init is None) if check is None else check, init, mode, budget)
     _validate.check_finite("The operator", values, res, loss)
     converged = res <= tol * jnp.abs(values)
-    return Eigen(values, jax.vmap(unravel)(vectors), res, converged, count, checked)
+    return Eigen(values, vectors, res, converged, count, checked)
 
 
 # ------------------------------------------------------------- spectral density ---
@@ -529,26 +555,26 @@ def _smooth(nodes, weights, grid, sigma):
 
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "num_steps", "num_points",
-                                             "block_size"))
-def _slq(op, key, sigma, *, num_probes, num_steps, num_points, block_size):
-    mv, flat = op.flat_matvec()
-    n = flat.shape[0]
+                                             "block_size", "mode", "budget"))
+def _slq(op, key, sigma, *, num_probes, num_steps, num_points, block_size, mode, budget):
+    mv = _products(op, mode, budget)
+    dtype = _info(op.params)[1]
     k_probe, k_restart = jax.random.split(key)
-    probes = jax.random.rademacher(k_probe, (num_probes, n), flat.dtype)
 
     def one(args):
-        v, k = args
-        alphas, betas, _ = lanczos(mv, v, num_steps, k)
+        kp, k = args
+        alphas, betas, _ = lanczos(mv, V.rademacher(kp, op.params), num_steps, k)
         theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
         return theta, s[0] ** 2
 
     # batch_size vmaps `one` over blocks of probes: every product becomes a matmat. Not
     # for blocks of one: under vmap the breakdown `cond` becomes a select that draws and
     # orthogonalizes a restart vector at every step (measured 2x slower per product).
-    nodes, weights = jax.lax.map(one, (probes, jax.random.split(k_restart, num_probes)),
+    nodes, weights = jax.lax.map(one, (jax.random.split(k_probe, num_probes),
+                                       jax.random.split(k_restart, num_probes)),
                                  batch_size=None if block_size == 1 else block_size)
     lo, hi = nodes.min(), nodes.max()
-    width = jnp.maximum(hi - lo, jnp.finfo(flat.dtype).eps * jnp.maximum(1.0, jnp.abs(hi)))
+    width = jnp.maximum(hi - lo, jnp.finfo(dtype).eps * jnp.maximum(1.0, jnp.abs(hi)))
     sigma = jnp.where(sigma > 0, sigma, 0.01 * width)
     grid = jnp.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
     return (nodes, weights, grid, _smooth(nodes, weights, grid, sigma), sigma), op.value()
@@ -568,7 +594,8 @@ def _block_size(block_size, num_probes, num_steps, op) -> int:
 
 def density(op, *, key: jax.Array, num_probes: int = 10, num_steps: int = 80,
             sigma: float | None = None, num_points: int = 1000,
-            block_size: int | None = None) -> Density:
+            block_size: int | None = None, mode: str = "auto",
+            budget: int | None = None) -> Density:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
     Each of `num_probes` Rademacher probes runs `num_steps` Lanczos steps; the Ritz
@@ -583,6 +610,8 @@ def density(op, *, key: jax.Array, num_probes: int = 10, num_steps: int = 80,
         matvec (matrix-matrix work). Default: 1 on CPU, where batched products measured
         slower than one at a time; elsewhere as many as fit `num_steps × n` bases in
         2 GiB. Values do not depend on it.
+      mode, budget: how the operator is prepared for its products, as in
+        `eigenvalues` (`ls.prepared`; default `"auto"`: linearize once when it fits).
 
     Cost: `num_probes × num_steps` products; memory `block_size × num_steps × n`.
 
@@ -590,6 +619,7 @@ def density(op, *, key: jax.Array, num_probes: int = 10, num_steps: int = 80,
       >>> den = ls.density(H, key=jax.random.key(0), num_probes=8, num_steps=60)
       >>> plt.semilogy(den.grid, den.values)
     """
+    _check_mode(mode, budget)
     num_probes = _validate.positive_int(num_probes, "num_probes")
     num_steps = min(_validate.positive_int(num_steps, "num_steps"), op.size)
     num_points = _validate.positive_int(num_points, "num_points")
@@ -598,6 +628,6 @@ def density(op, *, key: jax.Array, num_probes: int = 10, num_steps: int = 80,
     block = _block_size(block_size, num_probes, num_steps, op)
     out, loss = _slq(op, key, jnp.asarray(-1.0 if sigma is None else sigma),
                      num_probes=num_probes, num_steps=num_steps, num_points=num_points,
-                     block_size=block)
+                     block_size=block, mode=mode, budget=budget)
     _validate.check_finite("The operator", out[0], out[1], loss)
     return Density(*out)

@@ -15,9 +15,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
-
 from landscape import _validate, memory
+from landscape import _vectors as V
 from landscape.operators import MODES, prepared, product_bytes
 
 
@@ -66,10 +65,16 @@ def block_size_for(op, num_probes: int, block_size: int | None = None,
     return int(max(1, min(num_probes, budget // max(product_bytes(op), 1))))
 
 
-def _apply(mv, z: jax.Array, block: int) -> jax.Array:
-    """`mv` of every row of `z`, `block` rows at a time."""
-    block = min(block, z.shape[0])
+def _apply(mv, z: Any, block: int) -> Any:
+    """`mv` of every row of the stack `z` (pytrees), `block` rows at a time."""
+    block = min(block, V.leaves(z)[0].shape[0])
     return jax.lax.map(mv, z, batch_size=block if block > 1 else None)
+
+
+def row_dots(a: Any, b: Any) -> jax.Array:
+    """`(m,)`: ⟨a_i, b_i⟩ for the rows of two stacks."""
+    return sum(jnp.sum((x * y).reshape(x.shape[0], -1), axis=1)
+               for x, y in zip(V.leaves(a), V.leaves(b)))
 
 
 def _check(mode, budget):
@@ -82,21 +87,19 @@ def _check(mode, budget):
 @functools.partial(jax.jit, static_argnames=("num_probes", "method", "block", "mode",
                                              "budget"))
 def _trace(op, key, *, num_probes, method, block, mode, budget):
-    mv, flat = prepared(op, mode, budget).flat_matvec()
-    n = flat.shape[0]
+    mv = prepared(op, mode, budget).matvec
     if method == "hutchinson":
-        z = jax.random.rademacher(key, (num_probes, n), flat.dtype)
-        return _mean_and_error(jnp.sum(z * _apply(mv, z, block), axis=1)), op.value()
+        z = V.rademacher(key, op.params, num_probes)
+        return _mean_and_error(row_dots(z, _apply(mv, z, block))), op.value()
     # Hutch++ (Meyer, Musco, Musco & Woodruff 2021): the top of the spectrum exactly on
     # a sketched subspace, Hutchinson on the deflated rest.
     sketch = num_probes // 3
     k_s, k_g = jax.random.split(key)
-    s = jax.random.rademacher(k_s, (sketch, n), flat.dtype)
-    q, _ = jnp.linalg.qr(_apply(mv, s, block).T)  # (n, sketch)
-    exact = jnp.sum(q.T * _apply(mv, q.T, block))
-    g = jax.random.rademacher(k_g, (num_probes - 2 * sketch, n), flat.dtype)
-    g = g - (g @ q) @ q.T
-    value, err = _mean_and_error(jnp.sum(g * _apply(mv, g, block), axis=1))
+    s = V.rademacher(k_s, op.params, sketch)
+    q = V.orthonormal_rows(_apply(mv, s, block))  # an orthonormal basis of A S
+    exact = jnp.sum(row_dots(q, _apply(mv, q, block)))
+    g = V.orthogonalize_rows(q, V.rademacher(k_g, op.params, num_probes - 2 * sketch))
+    value, err = _mean_and_error(row_dots(g, _apply(mv, g, block)))
     return (exact + value, err), op.value()
 
 
@@ -142,9 +145,12 @@ def trace(op, *, key: jax.Array, num_probes: int = 100, method: str = "hutch++",
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "block", "mode", "budget"))
 def _diagonal(op, key, *, num_probes, block, mode, budget):
-    mv, flat = prepared(op, mode, budget).flat_matvec()
-    z = jax.random.rademacher(key, (num_probes, flat.shape[0]), flat.dtype)
-    return _mean_and_error(z * _apply(mv, z, block)), op.value()
+    mv = prepared(op, mode, budget).matvec
+    z = V.rademacher(key, op.params, num_probes)
+    az = _apply(mv, z, block)
+    mean_err = jax.tree.map(lambda a, b: _mean_and_error(a * b), z, az)
+    return (jax.tree.map(lambda p, me: me[0], op.params, mean_err),
+            jax.tree.map(lambda p, me: me[1], op.params, mean_err)), op.value()
 
 
 def diagonal(op, *, key: jax.Array, num_probes: int = 100, block_size: int | None = None,
@@ -162,5 +168,4 @@ def diagonal(op, *, key: jax.Array, num_probes: int = 100, block_size: int | Non
     (value, err), loss = _diagonal(op, key, num_probes=num_probes, block=block, mode=mode,
                                    budget=budget)
     _validate.check_finite("The operator", value, loss)
-    unravel = ravel_pytree(op.params)[1]
-    return DiagonalEstimate(unravel(value), unravel(err))
+    return DiagonalEstimate(value, err)

@@ -162,3 +162,39 @@ def test_block_size_rules_and_bad_input(setup):
         ls.diagonal(H, key=KEY, mode="fast")
     with pytest.raises(ValueError, match="budget"):
         ls.trace(H, key=KEY, budget=-1)
+
+
+# ------------------------------------------- spectra prepare by default (mode="auto") ---
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn chunked"])
+def test_spectra_prepared_and_plain_agree(setup, kind):
+    op = _operators(*setup)[kind]
+    dense = np.linalg.eigvalsh(np.asarray(op.dense()))
+    runs = {mode: ls.eigenvalues(op, k=3, key=KEY, tol=1e-8, mode=mode)
+            for mode in ("plain", "linearize", "auto")}
+    for mode in ("linearize", "auto"):
+        np.testing.assert_allclose(runs[mode].values, runs["plain"].values, rtol=1e-10)
+        assert int(runs[mode].num_matvecs) == int(runs["plain"].num_matvecs)
+    np.testing.assert_allclose(runs["plain"].values, dense[::-1][:3], rtol=1e-7)
+    fixed = [ls.eigenvalues(op, k=2, key=KEY, num_steps=20, mode=mode).values
+             for mode in ("plain", "linearize")]
+    np.testing.assert_allclose(fixed[1], fixed[0], rtol=1e-10)
+    power = [ls.eigenvalues(op, key=KEY, method="power", tol=1e-6, mode=mode).values
+             for mode in ("plain", "linearize")]
+    np.testing.assert_allclose(power[1], power[0], rtol=1e-10)
+    den = [ls.density(op, key=KEY, num_probes=3, num_steps=12, mode=mode)
+           for mode in ("plain", "linearize")]
+    np.testing.assert_allclose(den[1].nodes, den[0].nodes, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(den[1].weights, den[0].weights, rtol=1e-9, atol=1e-10)
+    # A budget too small for the residuals falls back to plain products: same values.
+    tiny = ls.eigenvalues(op, k=3, key=KEY, tol=1e-8, budget=1)
+    np.testing.assert_allclose(tiny.values, runs["plain"].values, rtol=1e-12)
+
+
+def test_spectra_reject_bad_mode_and_budget(setup):
+    H = _operators(*setup)["hessian"]
+    assert ls.prepared is prepared
+    with pytest.raises(ValueError, match="mode"):
+        ls.eigenvalues(H, key=KEY, mode="fast")
+    with pytest.raises(ValueError, match="budget"):
+        ls.density(H, key=KEY, budget=0)

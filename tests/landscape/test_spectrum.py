@@ -157,7 +157,10 @@ def test_slq_moments_are_exact_for_a_single_known_probe():
     # With one probe and enough steps, Σ w θᵏ equals vᵀAᵏv / ‖v‖² for k < 2m.
     op, a = designed_quadratic(DESIGNED[:20], seed=5)
     den = ls.density(op, key=KEY, num_probes=1, num_steps=8)
-    v = np.asarray(jax.random.rademacher(jax.random.split(KEY)[0], (1, 20), jnp.float64))[0]
+    # The probe `density` draws: its first probe key, split over the two leaves x, y.
+    k_probe = jax.random.split(jax.random.split(KEY)[0], 1)[0]
+    v = np.concatenate([np.asarray(jax.random.rademacher(k, (10,), jnp.float64))
+                        for k in jax.random.split(k_probe, 2)])
     for k in range(6):
         ref = v @ np.linalg.matrix_power(a, k) @ v / (v @ v)
         np.testing.assert_allclose(den.moments(k)[0], ref, rtol=1e-8, atol=1e-8)

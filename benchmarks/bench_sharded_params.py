@@ -1,0 +1,187 @@
+"""Curvature of a GPT-2-small-size decoder with its parameters sharded over 8 devices.
+
+A decoder-only transformer (`benchmarks._decoder.Config()`: 12 layers, width 768,
+12 heads, vocabulary 50 257, 1 024 positions, tied embedding: 124M float32
+parameters) on synthetic token sequences, its Hessian sharded with
+`ls.shard(H, mesh=mesh)` over a 2×4 mesh of simulated CPU devices (examples over
+"data", every weight FSDP-style over "model"). Measured, once each (the programs are
+large; each time includes its compilation, reported apart where it can be): λ_max
+(top 3), the trace (Hutchinson) and per-block λ_max (embeddings, attention, MLP,
+norms), and per-device memory from the compiled programs (`ls.memory.device_memory`).
+Then a 1.3B configuration is compiled only (abstract parameters, nothing allocated),
+to give its per-device memory on an 8-device mesh.
+
+Simulated devices are threads on this machine's cores: this shows the sharded
+programs run and what each device holds, not the speed of eight real devices. A
+longer collective timeout keeps a loaded machine from aborting a rendezvous.
+
+Run: `.venv/bin/python -m benchmarks.bench_sharded_params [--small]`.
+"""
+
+from __future__ import annotations
+
+import os
+
+_FLAGS = ("--xla_force_host_platform_device_count=8 "
+          "--xla_cpu_collective_timeout_seconds=7200 "
+          "--xla_cpu_collective_call_terminate_timeout_seconds=7200 "
+          "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAGS).strip()
+
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import landscape as ls  # noqa: E402
+from benchmarks import _decoder as dec  # noqa: E402
+from benchmarks._results import machine, write_section  # noqa: E402
+from landscape import sharding  # noqa: E402
+
+MESH = (2, 4)
+SEQ, SEQS, CHUNK = 32, 4, 2          # tokens per sequence, sequences, sequences per chunk
+EIG_STEPS, TRACE_PROBES, BLOCK_STEPS = 6, 2, 3
+BLOCKS = {
+    "embeddings": lambda path, _: "embed" in path or "pos" in path,
+    "attention": lambda path, _: "attn" in path,
+    "mlp": lambda path, _: "mlp" in path,
+    "norms": lambda path, _: "ln" in path,
+}
+# The 1.3B configuration, compiled only: what fits 80 GB per device on 8 devices.
+BIG = dict(seq=1024, remat=True)
+BIG_MESH, BIG_SEQS, BIG_CHUNK, BIG_STEPS = (1, 8), 8, 1, 20
+GIB = 2**30
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
+def _abstract_operator(cfg, mesh, seqs, chunk):
+    """The sharded Hessian of `cfg` with abstract parameters and data (shapes and
+    shardings only): enough to compile its programs without allocating them."""
+    shapes = jax.eval_shape(lambda: dec.init(jax.random.key(0), cfg))
+    specs = jax.tree.map(lambda s: sharding.fsdp_spec(s.shape, mesh, "model"), shapes)
+    params = jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(
+        s.shape, s.dtype, sharding=NamedSharding(mesh, p)), shapes, specs,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    toks = jax.ShapeDtypeStruct((seqs, cfg.seq + 1), jnp.int32,
+                                sharding=NamedSharding(mesh, P("data")))
+    # The builder checks the loss on a concrete first chunk (tokens are small).
+    H = ls.hessian(dec.loss_fn(cfg), params, jnp.zeros(toks.shape, toks.dtype),
+                   chunk_size=chunk)
+    return dataclasses.replace(H, batch=toks, layout=sharding.Layout(mesh, ("data",)))
+
+
+def _mem_line(label, mem):
+    return (f"| {label} | {mem.params / GIB:.3f} | {mem.params_total / GIB:.3f} | "
+            f"{mem.matvec.argument / GIB:.2f} | {mem.matvec.temp / GIB:.2f} | "
+            f"{mem.matvec.total / GIB:.2f} | {mem.basis / GIB:.2f} | "
+            f"{mem.lanczos_step.total / GIB:.2f} |")
+
+
+def main(small: bool = False) -> None:
+    start = time.perf_counter()
+    mesh = sharding.auto_mesh(jax.make_mesh(MESH, ("data", "model")))
+    cfg = dec.Config(seq=1024) if not small else dec.Config(
+        vocab=512, seq=64, layers=2, width=64, heads=4)
+    params = dec.init(jax.random.key(1), cfg)
+    toks = dec.tokens(jax.random.key(2), dataclasses.replace(cfg, seq=SEQ), SEQS)
+    H = ls.shard(ls.hessian(dec.loss_fn(cfg), params, toks, chunk_size=CHUNK), mesh=mesh)
+    n = H.size
+    key = jax.random.key(0)
+    print(f"{n:,} parameters on {mesh.shape}", flush=True)
+    head = [
+        f"Machine: {machine()}; 8 simulated CPU devices (`XLA_FLAGS={_FLAGS}`), mesh "
+        f"{MESH[0]}×{MESH[1]} (data × model). The machine was shared with three other "
+        f"sessions' work (load average 5-9 on 2 cores): times are wall-clock under that "
+        f"load, compilation included.",
+        "",
+        f"Model: decoder-only transformer, {cfg.layers} layers, width {cfg.width}, "
+        f"{cfg.heads} heads, vocabulary {cfg.vocab:,}, {cfg.seq} positions, tied "
+        f"embedding: **{n:,} float32 parameters**, every weight split FSDP-style over "
+        f"the model axis (`ls.shard(H, mesh=mesh)`). Data: {SEQS} synthetic sequences of "
+        f"{SEQ} tokens (random walks over the vocabulary), split over the data axis, "
+        f"chunks of {CHUNK} sequences.",
+    ]
+    mem_rows = ["", "Per-device memory from the compiled programs (`ls.memory.device_memory"
+                "(H, num_steps=...)`, GiB): the device's share of the parameters against "
+                "all of them, one product (arguments: its shards of parameters and data; "
+                "temporaries), the Lanczos basis, and one Lanczos step with that basis.",
+                "", "| model | params / device | params total | matvec args | matvec temp "
+                "| matvec total | basis | Lanczos step total |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    task_rows = ["", "| task | setting | products | time (compilation included) | result |",
+                 "|---|---|---:|---:|---|"]
+    notes = []
+
+    def write():
+        text = "\n".join(head + mem_rows + task_rows + notes + [
+            "", f"Run so far {time.perf_counter() - start:.0f} s; load average "
+            f"{os.getloadavg()[0]:.1f}."])
+        print(text, flush=True)
+        if not small:
+            write_section("bench_sharded_params", "## Parameter-sharded curvature: a 124M "
+                          "decoder on 8 simulated devices (`bench_sharded_params`)\n\n"
+                          + text)
+
+    t0 = time.perf_counter()
+    mem = ls.memory.device_memory(H, num_steps=EIG_STEPS)
+    mem_rows.append(_mem_line(f"{n / 1e6:.0f}M, {SEQS}×{SEQ} tokens, chunk {CHUNK}, "
+                              f"{EIG_STEPS}-row basis", mem))
+    print(mem_rows[-1], f"{time.perf_counter() - t0:.0f} s", flush=True)
+    if not small:
+        big = dec.Config.gpt_1b(**BIG)
+        m = sharding.auto_mesh(jax.make_mesh(BIG_MESH, ("data", "model")))
+        t0 = time.perf_counter()
+        big_mem = ls.memory.device_memory(_abstract_operator(big, m, BIG_SEQS, BIG_CHUNK),
+                                          num_steps=BIG_STEPS)
+        mem_rows.append(_mem_line(
+            f"{dec.num_params(big) / 1e9:.2f}B (compiled only), mesh {BIG_MESH[0]}×"
+            f"{BIG_MESH[1]}, {BIG_SEQS}×{big.seq} tokens, chunk {BIG_CHUNK}, remat, "
+            f"{BIG_STEPS}-row basis", big_mem))
+        notes += ["", f"The 1.3B row ({big.layers} layers, width {big.width}, "
+                  f"{big.heads} heads, {big.seq} positions, `jax.checkpoint` on every "
+                  f"block) is compiled from abstract parameters and never run "
+                  f"({time.perf_counter() - t0:.0f} s to compile): one device of an "
+                  f"8×80 GB node needs the 'Lanczos step total' column for `eigenvalues` "
+                  f"with `max_steps={BIG_STEPS}` (each extra probe of a trace block or a "
+                  f"density adds about one product's temporaries)."]
+    write()
+
+    mv = jax.jit(lambda op, v: op.matvec(v))
+    v = jax.tree.map(jnp.ones_like, H.params)
+    _, t_first = _timed(lambda: mv(H, v))
+    _, t_mv = _timed(lambda: mv(H, v))
+    task_rows.append(f"| one Hessian-vector product | after compilation (first call "
+                     f"{t_first:.0f} s) | 1 | {t_mv:.1f} s | |")
+    write()
+    eig, t_eig = _timed(lambda: ls.eigenvalues(H, k=3, key=key, max_steps=EIG_STEPS,
+                                               check=False))
+    task_rows.append(
+        f"| λ_max, top 3 | adaptive Lanczos, `max_steps={EIG_STEPS}`, no repeat check | "
+        f"{int(eig.num_matvecs)} | {t_eig:.0f} s | "
+        f"{', '.join(f'{float(x):.4g}' for x in eig.values)} (residual/|λ| "
+        f"{', '.join(f'{float(r / abs(x)):.1e}' for r, x in zip(eig.residuals, eig.values))}) |")
+    write()
+    tr, t_tr = _timed(lambda: ls.trace(H, key=key, num_probes=TRACE_PROBES,
+                                       method="hutchinson"))
+    task_rows.append(f"| trace | Hutchinson, {TRACE_PROBES} probes | {TRACE_PROBES} | "
+                     f"{t_tr:.0f} s | {float(tr.value):.4g} ± {float(tr.std_error):.2g} |")
+    write()
+    blocks, t_blk = _timed(lambda: ls.per_block(H, BLOCKS, key=key, num_steps=BLOCK_STEPS,
+                                                trace_probes=2))
+    task_rows.append(
+        f"| per-block λ_max | {len(BLOCKS)} blocks, {BLOCK_STEPS} Lanczos steps each, "
+        f"shared trace 2 probes | {len(BLOCKS) * (BLOCK_STEPS + 1) + 2} | {t_blk:.0f} s | "
+        + ", ".join(f"{k} {float(r.lambda_max):.4g}" for k, r in blocks.items()) + " |")
+    write()
+
+
+if __name__ == "__main__":
+    main(small="--small" in sys.argv)

@@ -1,0 +1,139 @@
+"""Vector arithmetic on parameter pytrees, and on stacks of them (a leading axis).
+
+Lanczos bases, probes and eigenvectors stay pytrees shaped like the parameters, so
+each leaf keeps the layout the parameters have: when the parameters are sharded over
+a mesh (`ls.shard(op, mesh=..., param_specs=...)`), nothing here gathers them into one
+replicated flat vector. Inner products reduce leaf by leaf (XLA adds one all-reduce of
+a scalar, or of a small `(m,)` vector, per product).
+
+A stack is a pytree whose leaves carry a leading axis of the same length m (row i is
+the pytree `tree.map(lambda x: x[i], stack)`). A plain array is a pytree with one
+leaf, so every function works on flat vectors and `(m, n)` matrices as well, with the
+same random draws as `jax.random` on that array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def leaves(tree: Any) -> list:
+    return jax.tree.leaves(tree)
+
+
+def dot(a: Any, b: Any) -> jax.Array:
+    """⟨a, b⟩ summed over leaves."""
+    return sum(jnp.vdot(x, y) for x, y in zip(leaves(a), leaves(b)))
+
+
+def norm(a: Any) -> jax.Array:
+    return jnp.sqrt(dot(a, a))
+
+
+def axpy(alpha: Any, x: Any, y: Any) -> Any:
+    """alpha·x + y."""
+    return jax.tree.map(lambda u, v: alpha * u + v, x, y)
+
+
+def scale(alpha: Any, x: Any) -> Any:
+    return jax.tree.map(lambda u: alpha * u, x)
+
+
+def sub(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.subtract, a, b)
+
+
+def zeros(like: Any, rows: int | None = None) -> Any:
+    """Zeros shaped like `like` (with a leading axis of `rows` when given)."""
+    lead = () if rows is None else (rows,)
+    return jax.tree.map(lambda p: jnp.zeros(lead + jnp.shape(p), jnp.result_type(p)), like)
+
+
+def row(stack: Any, i) -> Any:
+    return jax.tree.map(lambda x: x[i], stack)
+
+
+def set_row(stack: Any, i, v: Any) -> Any:
+    return jax.tree.map(lambda s, x: s.at[i].set(x), stack, v)
+
+
+def stack_rows(trees: list) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def concat(a: Any, b: Any) -> Any:
+    """Two stacks, one after the other."""
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+
+
+def coefficients(stack: Any, v: Any) -> jax.Array:
+    """`(m,)` inner products of each row of `stack` with `v` (B @ v)."""
+    return sum(jnp.tensordot(s, x, axes=x.ndim) for s, x in zip(leaves(stack), leaves(v)))
+
+
+def gram(a: Any, b: Any) -> jax.Array:
+    """`(m_a, m_b)` inner products between the rows of two stacks (A Bᵀ)."""
+    return sum(jnp.tensordot(x, y, axes=(tuple(range(1, x.ndim)),) * 2)
+               for x, y in zip(leaves(a), leaves(b)))
+
+
+def combine(c: jax.Array, stack: Any) -> Any:
+    """Σ_r c[r] · row r: `c` of shape `(m,)` gives one pytree; `(m, k)` gives a stack
+    of k (cᵀ B)."""
+    return jax.tree.map(lambda s: jnp.tensordot(c, s, axes=(0, 0)) if c.ndim == 1
+                        else jnp.tensordot(c.T, s, axes=1), stack)
+
+
+def orthogonalize(stack: Any, w: Any) -> Any:
+    """`w` minus its projection on the rows of `stack` (orthonormal rows, or zero
+    rows), by two classical Gram-Schmidt passes."""
+    w = sub(w, combine(coefficients(stack, w), stack))
+    return sub(w, combine(coefficients(stack, w), stack))
+
+
+def orthogonalize_rows(stack: Any, rows: Any) -> Any:
+    """Each row of the stack `rows` orthogonalized against `stack` (two passes)."""
+    for _ in range(2):
+        rows = sub(rows, combine(gram(stack, rows), stack))
+    return rows
+
+
+def orthonormal_rows(rows: Any) -> Any:
+    """An orthonormal stack spanning the rows of `rows` (rows that add nothing new are
+    zero), by two passes of the Gram matrix's eigendecomposition."""
+    for _ in range(2):
+        g = gram(rows, rows)
+        s, u = jnp.linalg.eigh(g)
+        keep = s > jnp.finfo(g.dtype).eps * rows_count(g) * jnp.maximum(s[-1], 0.0)
+        rows = combine(jnp.where(keep, u / jnp.sqrt(jnp.where(keep, s, 1.0)), 0.0), rows)
+    return rows
+
+
+def rows_count(g: jax.Array) -> int:
+    return g.shape[0]
+
+
+def normal(key: jax.Array, like: Any, rows: int | None = None) -> Any:
+    """Standard normal draws shaped like `like` (one key per leaf; a single array uses
+    `key` itself, as `jax.random.normal(key, shape)` would)."""
+    return _draw(jax.random.normal, key, like, rows)
+
+
+def rademacher(key: jax.Array, like: Any, rows: int | None = None) -> Any:
+    return _draw(jax.random.rademacher, key, like, rows)
+
+
+def _draw(fn, key, like, rows):
+    flat, treedef = jax.tree.flatten(like)
+    keys = [key] if len(flat) == 1 else list(jax.random.split(key, len(flat)))
+    lead = () if rows is None else (rows,)
+    return jax.tree.unflatten(treedef, [
+        fn(k, lead + jnp.shape(p), jnp.result_type(p)) for k, p in zip(keys, flat)])
+
+
+def row_norms(stack: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)
+                        for x in leaves(stack)))
