@@ -17,7 +17,6 @@ import numpy as np
 import landscape as ls
 from benchmarks._results import machine, write_section
 import experiments
-from experiments import config as cfglib
 from experiments.studies import saddles as sd
 
 HVPS = 2480  # = 40 Levenberg-Marquardt steps of 30 CG iterations (62 HVPs each)

@@ -18,8 +18,11 @@ The Python code blocks of README.md and docs/**/*.md run in tests/test_readme.py
 import doctest
 import functools
 import importlib
+import os
 import pkgutil
 import re
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -140,8 +143,18 @@ def _doctests():
 DOCTESTS = _doctests()
 
 
+# Examples on a (2, 4) mesh: in this process (one CPU device) they are skipped, and
+# test_mesh_examples_run_on_eight_devices runs them in a process with 8 host devices.
+MESH = {"landscape.memory.device_memory", "landscape.sharding.shard_params",
+        "landscape.sharding.shard"}
+EIGHT = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+
+
 def _param(test):
     marks = []
+    if test.name in MESH and jax.device_count() < 8:
+        marks.append(pytest.mark.skip(reason="needs 8 devices; run by "
+                                      "test_mesh_examples_run_on_eight_devices"))
     if test.name in SLOW:
         marks.append(pytest.mark.slow)
     if test.name in SKETCHES:
@@ -250,10 +263,21 @@ def test_docstring_example_runs(test, doc_namespace, tmp_path, monkeypatch):
     assert result.failed == 0, "".join(report)
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("slow", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_mesh_examples_run_on_eight_devices(slow):
+    names = sorted(n for n in MESH if (n in SLOW) == slow)
+    ids = [f"{Path(__file__).relative_to(ROOT)}::test_docstring_example_runs[{n}]" for n in names]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p",
+                          "no:cacheprovider", "-m", "slow or not slow", *ids],
+                         cwd=ROOT, env=EIGHT, capture_output=True, text=True, timeout=590)
+    assert out.returncode == 0 and f"{len(names)} passed" in out.stdout, out.stdout[-3000:]
+
+
 def test_every_module_with_examples_is_collected():
     names = {t.name for t in DOCTESTS}
     assert {"landscape.spectrum.eigenvalues", "transforms.registry.make", "experiments.run.run"} <= names
-    assert set(SLOW) <= names and set(SKETCHES) <= names, "a SLOW or SKETCHES name has no example"
+    assert set(SLOW) | set(SKETCHES) | MESH <= names, "a SLOW, SKETCHES or MESH name has no example"
 
 
 # ---------------------------------------------------------------- the site
@@ -288,14 +312,8 @@ def test_site_builds_without_warnings_and_documents_every_public_name(built_site
         assert (built_site / f"{page}.html").exists(), page
 
 
-# Studies whose gallery page is still being written (remove a name when its page lands).
-PAGE_PENDING = {"generalization_measures"}
-
-
 def _study_names():
-    return [pytest.param(m.name, marks=[pytest.mark.xfail(reason="its gallery page is pending")]
-                         if m.name in PAGE_PENDING else [])
-            for m in sorted(pkgutil.iter_modules(experiments.studies.__path__), key=lambda m: m.name)
+    return [m.name for m in sorted(pkgutil.iter_modules(experiments.studies.__path__), key=lambda m: m.name)
             if not m.name.startswith("_")]
 
 

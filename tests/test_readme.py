@@ -29,7 +29,8 @@ def run_blocks(paths, namespace):
             exec(compile(code, str(path), "exec"), namespace)
 
 
-def test_readme_python_blocks_run(capsys):
+def test_readme_python_blocks_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                       # the sweep writes runs/readme
     assert python_blocks(README), "the README has no Python example"
     run_blocks([README], {"__name__": "readme"})
     assert "trace" in capsys.readouterr().out

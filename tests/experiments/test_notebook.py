@@ -34,6 +34,7 @@ print("checks passed")
 """
 
 
+@pytest.mark.slow
 def test_the_tour_runs_and_draws_its_figures(tmp_path):
     nb = nbformat.read(TOUR, as_version=4)
     assert all(c.get("outputs", []) == [] for c in nb.cells if c.cell_type == "code"), \

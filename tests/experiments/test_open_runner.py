@@ -128,7 +128,8 @@ CONFIG = {"name": "own", "optimizer": {"name": "sgd"},
           "sweep": {"learning_rate": [0.05, 0.2], "seed": [0, 1]}}
 
 
-@pytest.mark.parametrize("kind", ["nnx", "linen", "equinox", "jax"])
+@pytest.mark.parametrize("kind", ["nnx", pytest.param("linen", marks=pytest.mark.slow),
+                                  pytest.param("equinox", marks=pytest.mark.slow), "jax"])
 def test_own_model_and_arrays_equal_a_plain_optax_loop(kind, arrays, tmp_path):
     spec = {"nnx": lambda rngs: TwoLayer(rngs), "linen": linen_pair(),
             "equinox": equinox_pair(), "jax": jax_pair()}[kind]
@@ -227,6 +228,7 @@ def test_bad_arrays(data, message, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_factory_from_a_config_file_on_the_cli(tmp_path):
     (tmp_path / "mymodels.py").write_text(
         "from flax import nnx\n"

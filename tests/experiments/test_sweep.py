@@ -82,6 +82,7 @@ def test_diverging_members_are_recorded_while_the_rest_finish(tiny_run):
     assert all(r["status"] == "finished" and np.isfinite(r["lambda_max"]) for r in fine)
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_numbers(tiny_run, tmp_path):
     again = experiments.run(TINY, out=tmp_path / "b")
     _same(again.records(), tiny_run.records())
@@ -122,6 +123,7 @@ def _run_cli(args, **kw):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_same_store(tiny_run, tmp_path):
     # Four groups so there is something to kill in the middle of.
     sets = ["--set", "sweep.batch_size=[8,16,32,64]", "--no-report"]
@@ -179,7 +181,8 @@ def test_every_measure_runs_inside_the_group_program(tmp_path):
     assert rec["worst_case"] > 0 and rec["adaptive"] > 0 and rec["pac_bayes"] > 0
 
 
-@pytest.mark.parametrize("name", ["shampoo", "soap", "kfac"])
+@pytest.mark.parametrize("name", [pytest.param("shampoo", marks=pytest.mark.slow),
+                                  pytest.param("soap", marks=pytest.mark.slow), "kfac"])
 def test_second_order_optimizers_train_in_the_runner(tmp_path, name):
     res = experiments.run(TINY, out=tmp_path / name, overrides=[
         f'optimizer.name="{name}"', "sweep.batch_size=[32]", "sweep.learning_rate=[0.01]",
@@ -207,6 +210,7 @@ def test_the_default_study_runs_in_full(tmp_path):
     assert experiments.write_report(res.path).is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_with_jax_distributed_share_the_groups(tiny_run, tmp_path):
     # Two processes on localhost (jax.distributed over CPU): each trains every second
     # group into the same run directory; together they equal the one-process run.

@@ -2,7 +2,6 @@
 Python loop, reduced with numpy."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree

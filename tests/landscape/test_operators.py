@@ -93,6 +93,7 @@ def test_empirical_fisher_equals_mean_of_gradient_outer_products(setup):
     np.testing.assert_allclose(op.dense(), explicit, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_per_example_grads_equal_single_example_gradients(setup):
     params, (x, y) = setup
     grads = ls.per_example_grads(m.ce_loss, params, (x, y), chunk_size=5)
@@ -140,6 +141,7 @@ def test_matmat_is_matvec_per_column(setup):
                                    ravel_pytree(one)[0], atol=1e-12)
 
 
+@pytest.mark.slow
 def test_operator_passes_through_jit(setup):
     params, batch = setup
     v = _random_like(params)

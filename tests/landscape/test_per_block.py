@@ -106,7 +106,7 @@ def test_bad_blocks(setup):
         ls.per_block(H, key=KEY, trace_method="exact")
 
 
-@pytest.mark.parametrize("trace_method", ["shared", "restricted"])
+@pytest.mark.parametrize("trace_method", ["shared", pytest.param("restricted", marks=pytest.mark.slow)])
 def test_traces_with_linearized_products_in_probe_blocks_equal_plain(setup, trace_method):
     params, H, dense = setup
     plain = ls.per_block(H, trace_method=trace_method, mode="plain", block_size=1, **CFG)

@@ -44,6 +44,7 @@ def test_dense_matches_scaled_hessian(setup):
     np.testing.assert_allclose(np.linalg.eigvalsh(ref), nonsym, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_spectrum_tools_apply(setup):
     params, H, dense, diag = setup
     A = ls.preconditioned(H, diag)

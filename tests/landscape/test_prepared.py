@@ -120,7 +120,7 @@ def test_memory_helpers():
 
 # ------------------------------------------------------------------ probe blocks ---
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+@pytest.mark.parametrize("method", [pytest.param("hutchinson", marks=pytest.mark.slow), "hutch++"])
 def test_trace_in_probe_blocks_equals_probe_at_a_time(setup, method):
     params, batch = setup
     H = ls.hessian(m.ce_loss, params, batch)
@@ -166,7 +166,7 @@ def test_block_size_rules_and_bad_input(setup):
 
 # ------------------------------------------- spectra prepare by default (mode="auto") ---
 
-@pytest.mark.parametrize("kind", ["hessian", "ggn chunked"])
+@pytest.mark.parametrize("kind", ["hessian", pytest.param("ggn chunked", marks=pytest.mark.slow)])
 def test_spectra_prepared_and_plain_agree(setup, kind):
     op = _operators(*setup)[kind]
     dense = np.linalg.eigvalsh(np.asarray(op.dense()))
@@ -176,6 +176,15 @@ def test_spectra_prepared_and_plain_agree(setup, kind):
         np.testing.assert_allclose(runs[mode].values, runs["plain"].values, rtol=1e-10)
         assert int(runs[mode].num_matvecs) == int(runs["plain"].num_matvecs)
     np.testing.assert_allclose(runs["plain"].values, dense[::-1][:3], rtol=1e-7)
+    # A budget too small for the residuals falls back to plain products: same values.
+    tiny = ls.eigenvalues(op, k=3, key=KEY, tol=1e-8, budget=1)
+    np.testing.assert_allclose(tiny.values, runs["plain"].values, rtol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hessian", "ggn chunked"])
+def test_fixed_steps_power_and_density_prepared_and_plain_agree(setup, kind):
+    op = _operators(*setup)[kind]
     fixed = [ls.eigenvalues(op, k=2, key=KEY, num_steps=20, mode=mode).values
              for mode in ("plain", "linearize")]
     np.testing.assert_allclose(fixed[1], fixed[0], rtol=1e-10)
@@ -186,9 +195,6 @@ def test_spectra_prepared_and_plain_agree(setup, kind):
            for mode in ("plain", "linearize")]
     np.testing.assert_allclose(den[1].nodes, den[0].nodes, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(den[1].weights, den[0].weights, rtol=1e-9, atol=1e-10)
-    # A budget too small for the residuals falls back to plain products: same values.
-    tiny = ls.eigenvalues(op, k=3, key=KEY, tol=1e-8, budget=1)
-    np.testing.assert_allclose(tiny.values, runs["plain"].values, rtol=1e-12)
 
 
 def test_spectra_reject_bad_mode_and_budget(setup):

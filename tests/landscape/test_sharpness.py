@@ -155,6 +155,7 @@ def relu_loss(params, batch):
     return ls.cross_entropy(relu_mlp(params, batch[0]), batch[1])
 
 
+@pytest.mark.slow
 def test_adaptive_sharpness_is_invariant_to_relu_rescaling_while_lambda_max_moves():
     params = m.mlp_params(jax.random.key(4), sizes=(5, 8, 8, 3))
     batch = m.classification_data(jax.random.key(5), n=40)

@@ -90,6 +90,7 @@ def test_power_iteration_agrees_with_lanczos(mlp_hessian):
     np.testing.assert_allclose(power.values, ref[:2], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_eigenvalues_are_the_same_under_jit(mlp_hessian):
     op, _ = mlp_hessian
     eager = ls.eigenvalues(op, k=3, key=KEY)

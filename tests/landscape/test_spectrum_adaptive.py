@@ -72,7 +72,8 @@ def test_a_repeated_top_eigenvalue_is_found_with_default_arguments():
 
 
 @pytest.mark.parametrize("which", ["top", "bottom", "both"])
-@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("name", [n if n != "negatives" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SPECTRA])
 def test_designed_spectra_meet_tol_when_stopping_early(name, which):
     spectrum = SPECTRA[name]
     op, a = operator(spectrum, seed=1)
@@ -133,6 +134,7 @@ def test_fixed_num_steps_is_the_plain_lanczos_run():
     assert int(eig.num_matvecs) == 23 and not bool(eig.checked)
 
 
+@pytest.mark.slow
 def test_tight_tol_matches_eigvalsh_and_the_mlp_hessian():
     params = m.mlp_params(jax.random.key(1), sizes=(4, 8, 3))
     batch = m.classification_data(jax.random.key(2), n=32, d=4, classes=3)
@@ -166,7 +168,7 @@ def _training_points(num_points=6, sgd_steps=3):
     return points, batch
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_warm_started_tracking_equals_cold_starts_with_fewer_products(k):
     points, batch = _training_points()
     cold_total = warm_total = 0

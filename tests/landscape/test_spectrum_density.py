@@ -10,7 +10,8 @@ from tests.landscape import models as m
 KEY = jax.random.key(0)
 
 
-@pytest.mark.parametrize("block_size", [2, 3, 7])
+@pytest.mark.parametrize("block_size", [2, pytest.param(3, marks=pytest.mark.slow),
+                                        pytest.param(7, marks=pytest.mark.slow)])
 def test_blocked_density_equals_one_probe_at_a_time(block_size):
     params = m.mlp_params(jax.random.key(1), sizes=(4, 8, 3))
     batch = m.classification_data(jax.random.key(2), n=32, d=4, classes=3)
