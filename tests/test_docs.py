@@ -18,7 +18,6 @@ The Python code blocks of README.md and docs/**/*.md run in tests/test_readme.py
 import doctest
 import functools
 import importlib
-import os
 import pkgutil
 import re
 import subprocess
@@ -44,6 +43,7 @@ from experiments.models import MLP
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from tests import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -147,7 +147,7 @@ DOCTESTS = _doctests()
 # test_mesh_examples_run_on_eight_devices runs them in a process with 8 host devices.
 MESH = {"landscape.memory.device_memory", "landscape.sharding.shard_params",
         "landscape.sharding.shard"}
-EIGHT = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+EIGHT = subprocess_env("--xla_force_host_platform_device_count=8")
 
 
 def _param(test):

@@ -23,6 +23,7 @@ from experiments.data import load as load_data
 from experiments.measures import RecordSettings
 from experiments.program import Settings
 from experiments.train import build_model, loss_function
+from tests import subprocess_env
 
 TINY = str(Path(__file__).with_name("tiny.toml"))
 L2 = 0.01
@@ -245,7 +246,6 @@ def test_a_record_interval_off_the_window_grid_is_refused():
 
 @pytest.mark.slow
 def test_records_are_the_same_on_eight_simulated_devices(recorded, tmp_path):
-    import os
     import subprocess
     import sys
 
@@ -254,7 +254,7 @@ def test_records_are_the_same_on_eight_simulated_devices(recorded, tmp_path):
             "print(json.dumps({n: r.curves(n) for n in sys.argv[2:]}))")
     names = ["lambda_max", "lambda_min", "index", "noise_scale", "grad_norm/layers/1",
              "test_accuracy", "train_loss"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(recorded.config), *names],
                           cwd=Path(__file__).resolve().parents[2], env=env,
                           capture_output=True, text=True, timeout=600)

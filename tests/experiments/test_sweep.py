@@ -3,7 +3,6 @@ resume after a kill, the same results on 8 simulated devices, and the report."""
 
 import json
 import math
-import os
 import signal
 import sqlite3
 import subprocess
@@ -23,6 +22,7 @@ import landscape as ls
 from experiments.data import mnist1d
 from experiments.report import granulated_kendall, kendall_tau
 from experiments.train import build_model, loss_function
+from tests import subprocess_env
 
 TINY = str(Path(__file__).with_name("tiny.toml"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,8 +115,7 @@ def test_kendall_against_scipy_and_granulated_kendall_by_hand():
 
 
 def _run_cli(args, **kw):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     env.update(kw.pop("env", {}))
     return subprocess.Popen([sys.executable, "-m", "experiments.cli", "run", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -155,7 +154,7 @@ def test_eight_simulated_devices_give_the_same_numbers(tiny_run, tmp_path):
     code = ("import experiments, json, jax, sys; assert jax.local_device_count() == 8; "
             f"r = experiments.run({TINY!r}, out={str(tmp_path / 'dev8')!r}); "
             "print(json.dumps(r.records()))")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -224,8 +223,7 @@ def test_two_processes_with_jax_distributed_share_the_groups(tiny_run, tmp_path)
             f"'127.0.0.1:{port}', num_processes=2, process_id=int(sys.argv[1])); "
             "import experiments; "
             f"experiments.run({TINY!r}, out={str(out)!r}); print(jax.process_index())")
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

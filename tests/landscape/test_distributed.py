@@ -2,7 +2,6 @@
 2x4 mesh over all 8) give the λ_max and trace of one process on one device."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +49,7 @@ def _free_port():
 @pytest.mark.timeout(900)
 def test_two_processes_equal_one():
     port = str(_free_port())
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = subprocess_env("--xla_force_host_platform_device_count=4")
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]

@@ -5,7 +5,6 @@ a subprocess and compares sharded against unsharded operators inside it (float64
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 import pytest
+
+from tests import subprocess_env
 
 import landscape as ls
 from tests.landscape import models as m
@@ -86,7 +87,7 @@ print(json.dumps(out))
 
 
 def _eight(mode):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, mode], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,13 +7,14 @@ device holds the whole parameter vector.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,7 +85,7 @@ print(json.dumps({"one": plain(one), "eight": plain(eight)}))
 
 
 def _run(script, *args, timeout=600):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
