@@ -147,7 +147,6 @@ DOCTESTS = _doctests()
 # test_mesh_examples_run_on_eight_devices runs them in a process with 8 host devices.
 MESH = {"landscape.memory.device_memory", "landscape.sharding.shard_params",
         "landscape.sharding.shard"}
-EIGHT = subprocess_env("--xla_force_host_platform_device_count=8")
 
 
 def _param(test):
@@ -270,7 +269,8 @@ def test_mesh_examples_run_on_eight_devices(slow):
     ids = [f"{Path(__file__).relative_to(ROOT)}::test_docstring_example_runs[{n}]" for n in names]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p",
                           "no:cacheprovider", "-m", "slow or not slow", *ids],
-                         cwd=ROOT, env=EIGHT, capture_output=True, text=True, timeout=590)
+                         cwd=ROOT, env=subprocess_env("--xla_force_host_platform_device_count=8"),
+                         capture_output=True, text=True, timeout=590)
     assert out.returncode == 0 and f"{len(names)} passed" in out.stdout, out.stdout[-3000:]
 
 

@@ -15,9 +15,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 import pytest
 
-from tests import subprocess_env
-
 import landscape as ls
+from tests import subprocess_env
 from tests.landscape import models as m
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +88,7 @@ print(json.dumps(out))
 def _eight(mode):
     env = subprocess_env("--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, mode], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=1700)  # full mode is slow
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
