@@ -94,6 +94,18 @@ def orthogonalize(stack: Any, w: Any) -> Any:
     return sub(w, combine(coefficients(stack, w), stack))
 
 
+def reorthogonalize(stack: Any, w: Any, eta: float = 0.5 ** 0.5) -> Any:
+    """`orthogonalize` with the second pass only where it is needed: one classical
+    Gram-Schmidt pass, and another when the first removed more than `1 − eta²` of
+    `w`'s squared norm (the Daniel-Gragg-Kaufman-Stewart criterion). In Lanczos the
+    recurrence leaves `w` nearly orthogonal already, so most steps take one pass."""
+    before = norm(w)
+    w = sub(w, combine(coefficients(stack, w), stack))
+    return jax.lax.cond(norm(w) < eta * before,
+                        lambda x: sub(x, combine(coefficients(stack, x), stack)),
+                        lambda x: x, w)
+
+
 def orthogonalize_rows(stack: Any, rows: Any) -> Any:
     """Each row of the stack `rows` orthogonalized against `stack` (two passes)."""
     for _ in range(2):

@@ -61,6 +61,11 @@ class BlockOperator(_OperatorMethods):
     def value(self) -> jax.Array:
         return self.op.value()
 
+    def gradient(self) -> Any:
+        """The block's part of the loss gradient (for operators that have one)."""
+        out = jax.tree.leaves(self.op.gradient())
+        return {self.names[i]: out[i] for i in self.chosen}
+
 
 def restrict(op, select: Callable[[str, Any], bool]) -> BlockOperator:
     """The diagonal block of `op` for the parameters `select(path, leaf)` keeps.

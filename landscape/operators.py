@@ -149,6 +149,15 @@ class CurvatureOperator(_OperatorMethods):
         """The mean loss over `batch` at `params`, computed chunk by chunk."""
         return self._mean(lambda op, chunk, i: op._chunk_value(chunk))
 
+    def gradient(self) -> Any:
+        """The gradient of the mean loss at `params` (a pytree like them), chunk by chunk.
+
+        `eigenvalues` starts its Lanczos runs from it (see there): the top of a
+        network's Hessian holds most of the gradient (Gur-Ari et al. 2018).
+        """
+        return self._mean(lambda op, chunk, i: jax.grad(
+            lambda p: dataclasses.replace(op, params=p)._chunk_value(chunk))(op.params))
+
     def _mean(self, fn: Callable, *args: Any) -> Any:
         """Exact mean over the examples of `fn(op, chunk, index, *args)`, split over the
         devices in `shards` when there are any."""
@@ -268,7 +277,8 @@ class PreparedOperator(_OperatorMethods):
 
     `linear` is the `jax.linearize` tangent map (a `jax.tree_util.Partial` whose leaves
     are the stored residuals): of the gradient for the Hessian, of the model's outputs
-    over every example for the GGN and Fisher (`outputs` holds those outputs). Meant to
+    over every example for the GGN and Fisher. `outputs` holds the linearized map's
+    value: the gradient (Hessian), the model's outputs (GGN, Fisher). Meant to
     live inside one jitted routine: build it there, apply it many times, let it go.
     """
 
@@ -286,6 +296,10 @@ class PreparedOperator(_OperatorMethods):
 
     def value(self) -> jax.Array:
         return self.base.value()
+
+    def gradient(self) -> Any:
+        """The loss gradient: for the Hessian, the linearization's own output (no cost)."""
+        return self.outputs if self.base.kind == "hessian" else self.base.gradient()
 
     def matvec(self, v: Any) -> Any:
         _validate.same_structure(v, self.params)
@@ -328,7 +342,7 @@ def _linearize(op: CurvatureOperator) -> tuple[Any, Any]:
             at = dataclasses.replace(op, params=p)
             return at._mean(lambda o, chunk, i: jax.grad(o.fn)(o.params, chunk))
 
-        return None, jax.linearize(grad, op.params)[1]
+        return jax.linearize(grad, op.params)
     inputs = op.batch[0]
     return jax.linearize(
         lambda p: _chunk_map(lambda x, i: op.fn(p, x), inputs, op.chunk_size), op.params)

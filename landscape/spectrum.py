@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from landscape import _validate
 from landscape import _vectors as V
-from landscape.operators import MODES, prepared
+from landscape.operators import MODES, CurvatureOperator, PreparedOperator, prepared
 
 
 class Eigen(NamedTuple):
@@ -132,6 +132,27 @@ def _products(op, mode, budget):
     return prepared(op, mode, budget).matvec
 
 
+def _has_gradient(op) -> bool:
+    """Whether `op` is (a block of) a loss's curvature, so has a loss gradient."""
+    while not isinstance(op, (CurvatureOperator, PreparedOperator)) and hasattr(op, "op"):
+        op = op.op
+    return isinstance(op, (CurvatureOperator, PreparedOperator))
+
+
+def _cold_start(op, key, which):
+    """A random unit vector plus, where the top end is wanted and `op` has a loss, the
+    unit loss gradient: a network's gradient lies mostly in its Hessian's (and GGN's)
+    top eigenspace (Gur-Ari et al. 2018), so Lanczos starts with a large component
+    there; the random half keeps every direction within a factor √2 of a random start
+    (a zero gradient, at a critical point, leaves the random vector alone)."""
+    v = _unit(V.normal(key, op.params))
+    if which == "bottom" or not _has_gradient(op):
+        return v
+    g = op.gradient()
+    norm = V.norm(g)
+    return V.axpy(jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0), g, v)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "which", "num_steps", "mode", "budget"))
 def _lanczos_eigen(op, key, *, k, which, num_steps, mode, budget):
     mv = _products(op, mode, budget)
@@ -200,7 +221,7 @@ def _adaptive_step(mv, st: _State, *, k, which, tol) -> tuple[_State, _Ritz]:
     basis = V.set_row(st.basis, j, st.q)
     w = mv(st.q)
     alpha = V.dot(st.q, w)
-    w = V.orthogonalize(basis, V.axpy(-st.beta_prev, st.q_prev, V.axpy(-alpha, st.q, w)))
+    w = V.reorthogonalize(basis, V.axpy(-st.beta_prev, st.q_prev, V.axpy(-alpha, st.q, w)))
     beta = V.norm(w)
     scale = jnp.maximum(st.scale, jnp.maximum(jnp.abs(alpha), beta))
     broke = beta <= 10.0 * jnp.sqrt(n) * jnp.finfo(dtype).eps * scale
@@ -304,9 +325,10 @@ def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks) -> _Fou
                                              "budget"))
 def _adaptive_eigen(op, key, tol, init, *, k, which, cap, max_checks, mode, budget):
     """The adaptive Lanczos run, the repeat checks, then true residuals (one product each)."""
-    mv = _products(op, mode, budget)
+    op = prepared(op, mode, budget)
+    mv = op.matvec
     k_start, k_restart = jax.random.split(key)
-    v0 = V.normal(k_start, op.params) if init is None else init
+    v0 = _cold_start(op, k_start, which) if init is None else init
     values, vectors, steps = _adaptive_run(mv, v0, k_restart, tol, k=k, which=which, cap=cap)
     found = _Found(values, vectors, steps, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
                    jax.random.fold_in(k_restart, 1))

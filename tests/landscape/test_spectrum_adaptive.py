@@ -205,3 +205,52 @@ def test_bad_adaptive_arguments():
     other, _ = operator(np.arange(10.0))
     with pytest.raises(ValueError, match="init"):
         ls.eigenvalues(other, k=1, key=KEY, init=eig)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher"])
+def test_operator_gradient_is_the_loss_gradient(kind):
+    """`op.gradient()` (chunked, plain and prepared) against jax.grad of the mean loss."""
+    params = m.mlp_params(jax.random.key(5), sizes=(4, 6, 3))
+    batch = m.classification_data(jax.random.key(6), n=30, d=4, classes=3)
+    op = {"hessian": lambda: ls.hessian(m.ce_loss, params, batch, chunk_size=10),
+          "ggn": lambda: ls.ggn(m.mlp_apply, params, batch, chunk_size=10),
+          "fisher": lambda: ls.fisher(m.mlp_apply, params, batch, key=KEY, chunk_size=10),
+          }[kind]()
+    ref = ravel_pytree(jax.grad(m.ce_loss)(params, batch))[0]
+    for mode in ("plain", "linearize"):
+        got = jax.jit(lambda o: ls.prepared(o, mode).gradient())(op)
+        np.testing.assert_allclose(ravel_pytree(got)[0], ref, rtol=1e-10, atol=1e-13)
+    block = ls.restrict(op, lambda path, leaf: path.startswith("layer1/"))
+    np.testing.assert_allclose(ravel_pytree(block.gradient())[0],
+                               ravel_pytree(jax.grad(m.ce_loss)(params, batch)["layer1"])[0],
+                               rtol=1e-10)
+
+
+def _quadratic(spectrum, offset):
+    """Loss ½ (θ − θ*)ᵀ A (θ − θ*) with θ − θ* = `offset`: gradient A·offset."""
+    _, a = operator(spectrum, seed=3)
+    aj = jnp.asarray(a)
+    star = -jnp.asarray(offset)
+    return ls.hessian(lambda p, _: 0.5 * (p - star) @ aj @ (p - star), jnp.zeros(len(a)),
+                      jnp.zeros((1, 1))), a
+
+
+@pytest.mark.parametrize("which", ["top", "bottom", "both"])
+def test_gradient_start_at_a_critical_point_and_away_from_it(which):
+    """Cold starts mix in the loss gradient (top end): at a critical point (zero
+    gradient) and away from it the values still meet `tol` against numpy.linalg, and
+    along the gradient of a top-heavy quadratic Lanczos needs fewer products."""
+    spectrum = SPECTRA["clusters"]
+    for offset in (np.zeros(60), np.random.default_rng(0).normal(size=60)):
+        op, a = _quadratic(spectrum, offset)
+        eig = ls.eigenvalues(op, k=2, key=KEY, which=which)
+        ref = reference(np.linalg.eigvalsh(a), 2, which)
+        assert np.all(np.isfinite(eig.values))
+        np.testing.assert_array_less(np.abs(eig.values - ref), TOL * np.abs(ref) + 1e-12)
+    if which == "top":
+        _, a = operator(spectrum, seed=3)
+        top = np.linalg.eigh(a)[1][:, -1]
+        along, _ = _quadratic(spectrum, top / spectrum.max())   # gradient = top vector
+        lin = ls.LinearOperator(lambda v: jnp.asarray(a) @ v, jnp.zeros(60))
+        assert (int(ls.eigenvalues(along, k=1, key=KEY).num_matvecs)
+                < int(ls.eigenvalues(lin, k=1, key=KEY).num_matvecs))
