@@ -461,6 +461,13 @@ def eigenvalues(op, k: int = 1, *, key: jax.Array, which: str = "top",
     top k costs m − 1 more checks. `Eigen.checked` says whether the last check
     finished clean.
 
+    Cold starts: a random unit vector plus, for the top end of a loss's curvature
+    (`hessian`, `ggn`, `fisher` and their blocks), the unit loss gradient
+    (`op.gradient()`: free when the products are linearized, one gradient otherwise).
+    The gradient lies mostly in the top eigenspace, so fewer steps are needed (on a
+    held-out MLP, 12 products instead of 16 for λ_max); the random half keeps every
+    direction in the start.
+
     `num_steps` given: exactly `num_steps` Lanczos steps in a `lax.scan` (the behaviour
     before the adaptive default), no check. `init`: a previous `Eigen` (same `k` and
     `which`, e.g. from the last measurement along training) whose eigenvectors' sum is
