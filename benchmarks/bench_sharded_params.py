@@ -98,9 +98,8 @@ def main(small: bool = False) -> None:
     print(f"{n:,} parameters on {mesh.shape}", flush=True)
     head = [
         f"Machine: {machine()}; 8 simulated CPU devices (`XLA_FLAGS={_FLAGS}`), mesh "
-        f"{MESH[0]}×{MESH[1]} (data × model). The machine was shared with three other "
-        f"sessions' work (load average 5-9 on 2 cores): times are wall-clock under that "
-        f"load, compilation included.",
+        f"{MESH[0]}×{MESH[1]} (data × model). Times are wall-clock, compilation included, "
+        f"on a machine shared with other work (the load average at the end is below).",
         "",
         f"Model: decoder-only transformer, {cfg.layers} layers, width {cfg.width}, "
         f"{cfg.heads} heads, vocabulary {cfg.vocab:,}, {cfg.seq} positions, tied "

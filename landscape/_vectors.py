@@ -87,11 +87,15 @@ def combine(c: jax.Array, stack: Any) -> Any:
                         else jnp.tensordot(c.T, s, axes=1), stack)
 
 
+def _project_out(stack: Any, w: Any) -> Any:
+    """One classical Gram-Schmidt pass: `w` minus its projection on the rows."""
+    return sub(w, combine(coefficients(stack, w), stack))
+
+
 def orthogonalize(stack: Any, w: Any) -> Any:
     """`w` minus its projection on the rows of `stack` (orthonormal rows, or zero
     rows), by two classical Gram-Schmidt passes."""
-    w = sub(w, combine(coefficients(stack, w), stack))
-    return sub(w, combine(coefficients(stack, w), stack))
+    return _project_out(stack, _project_out(stack, w))
 
 
 def reorthogonalize(stack: Any, w: Any, eta: float = 0.5 ** 0.5) -> Any:
@@ -100,9 +104,8 @@ def reorthogonalize(stack: Any, w: Any, eta: float = 0.5 ** 0.5) -> Any:
     `w`'s squared norm (the Daniel-Gragg-Kaufman-Stewart criterion). In Lanczos the
     recurrence leaves `w` nearly orthogonal already, so most steps take one pass."""
     before = norm(w)
-    w = sub(w, combine(coefficients(stack, w), stack))
-    return jax.lax.cond(norm(w) < eta * before,
-                        lambda x: sub(x, combine(coefficients(stack, x), stack)),
+    w = _project_out(stack, w)
+    return jax.lax.cond(norm(w) < eta * before, lambda x: _project_out(stack, x),
                         lambda x: x, w)
 
 

@@ -62,8 +62,11 @@ class BlockOperator(_OperatorMethods):
         return self.op.value()
 
     def gradient(self) -> Any:
-        """The block's part of the loss gradient (for operators that have one)."""
-        out = jax.tree.leaves(self.op.gradient())
+        """The block's part of the loss gradient (None when `op` has no loss)."""
+        full = self.op.gradient()
+        if full is None:
+            return None
+        out = jax.tree.leaves(full)
         return {self.names[i]: out[i] for i in self.chosen}
 
 

@@ -75,6 +75,10 @@ class _OperatorMethods:
         """The loss at the operator's point (0 for operators without one)."""
         return jnp.zeros(())
 
+    def gradient(self) -> Any:
+        """The loss gradient at the operator's point (None for operators without a loss)."""
+        return None
+
     def flat_matvec(self) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
         """`(mv, x0)`: the operator on flat vectors, and params flattened."""
         flat, unravel = ravel_pytree(self.params)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from landscape import _validate
 from landscape import _vectors as V
-from landscape.operators import MODES, CurvatureOperator, PreparedOperator, prepared
+from landscape.operators import MODES, prepared
 
 
 class Eigen(NamedTuple):
@@ -132,13 +132,6 @@ def _products(op, mode, budget):
     return prepared(op, mode, budget).matvec
 
 
-def _has_gradient(op) -> bool:
-    """Whether `op` is (a block of) a loss's curvature, so has a loss gradient."""
-    while not isinstance(op, (CurvatureOperator, PreparedOperator)) and hasattr(op, "op"):
-        op = op.op
-    return isinstance(op, (CurvatureOperator, PreparedOperator))
-
-
 def _cold_start(op, key, which):
     """A random unit vector plus, where the top end is wanted and `op` has a loss, the
     unit loss gradient: a network's gradient lies mostly in its Hessian's (and GGN's)
@@ -146,9 +139,9 @@ def _cold_start(op, key, which):
     there; the random half keeps every direction within a factor √2 of a random start
     (a zero gradient, at a critical point, leaves the random vector alone)."""
     v = _unit(V.normal(key, op.params))
-    if which == "bottom" or not _has_gradient(op):
+    g = None if which == "bottom" else op.gradient()
+    if g is None:
         return v
-    g = op.gradient()
     norm = V.norm(g)
     return V.axpy(jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0), g, v)
 

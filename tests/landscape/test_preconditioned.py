@@ -59,6 +59,17 @@ def test_spectrum_tools_apply(setup):
     np.testing.assert_allclose(tr.value, ref.sum(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("which", ["top", "both"])
+def test_adaptive_default_on_a_preconditioned_hessian(setup, which):
+    """The adaptive default (cold start included) on a wrapper of a Hessian: a
+    preconditioned operator has no loss gradient of its own, so it starts at random."""
+    params, H, dense, diag = setup
+    ref = np.linalg.eigvalsh(_reference(dense, diag))
+    eig = ls.eigenvalues(ls.preconditioned(H, diag), k=1, key=KEY, which=which, tol=1e-8)
+    want = [ref[-1]] if which == "top" else [ref[-1], ref[0]]
+    np.testing.assert_allclose(eig.values, want, rtol=1e-7)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("s",), meta_fields=())
 @dataclasses.dataclass(frozen=True)
 class _Scale:
