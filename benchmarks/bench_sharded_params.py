@@ -15,7 +15,8 @@ Simulated devices are threads on this machine's cores: this shows the sharded
 programs run and what each device holds, not the speed of eight real devices. A
 longer collective timeout keeps a loaded machine from aborting a rendezvous.
 
-Run: `.venv/bin/python -m benchmarks.bench_sharded_params [--small]`.
+Run: `.venv/bin/python -m benchmarks.bench_sharded_params [--small] [--reuse-big]`
+(`--reuse-big` keeps the 1.3B row already in RESULTS.md instead of compiling it again).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import landscape as ls  # noqa: E402
 from benchmarks import _decoder as dec  # noqa: E402
-from benchmarks._results import machine, write_section  # noqa: E402
+from benchmarks._results import RESULTS, machine, write_section  # noqa: E402
 from landscape import sharding  # noqa: E402
 
 MESH = (2, 4)
@@ -85,8 +86,11 @@ def _mem_line(label, mem):
             f"{mem.lanczos_step.total / GIB:.2f} |")
 
 
-def main(small: bool = False) -> None:
+def main(small: bool = False, reuse_big: bool = False) -> None:
     start = time.perf_counter()
+    # Read before this run rewrites its section.
+    kept = [line for line in RESULTS.read_text().splitlines() if reuse_big and (
+        "B (compiled only)" in line or line.startswith("The 1.3B row"))]
     mesh = sharding.auto_mesh(jax.make_mesh(MESH, ("data", "model")))
     cfg = dec.Config(seq=1024) if not small else dec.Config(
         vocab=512, seq=64, layers=2, width=64, heads=4)
@@ -134,23 +138,6 @@ def main(small: bool = False) -> None:
     mem_rows.append(_mem_line(f"{n / 1e6:.0f}M, {SEQS}×{SEQ} tokens, chunk {CHUNK}, "
                               f"{EIG_STEPS}-row basis", mem))
     print(mem_rows[-1], f"{time.perf_counter() - t0:.0f} s", flush=True)
-    if not small:
-        big = dec.Config.gpt_1b(**BIG)
-        m = sharding.auto_mesh(jax.make_mesh(BIG_MESH, ("data", "model")))
-        t0 = time.perf_counter()
-        big_mem = ls.memory.device_memory(_abstract_operator(big, m, BIG_SEQS, BIG_CHUNK),
-                                          num_steps=BIG_STEPS)
-        mem_rows.append(_mem_line(
-            f"{dec.num_params(big) / 1e9:.2f}B (compiled only), mesh {BIG_MESH[0]}×"
-            f"{BIG_MESH[1]}, {BIG_SEQS}×{big.seq} tokens, chunk {BIG_CHUNK}, remat, "
-            f"{BIG_STEPS}-row basis", big_mem))
-        notes += ["", f"The 1.3B row ({big.layers} layers, width {big.width}, "
-                  f"{big.heads} heads, {big.seq} positions, `jax.checkpoint` on every "
-                  f"block) is compiled from abstract parameters and never run "
-                  f"({time.perf_counter() - t0:.0f} s to compile): one device of an "
-                  f"8×80 GB node needs the 'Lanczos step total' column for `eigenvalues` "
-                  f"with `max_steps={BIG_STEPS}` (each extra probe of a trace block or a "
-                  f"density adds about one product's temporaries)."]
     write()
 
     mv = jax.jit(lambda op, v: op.matvec(v))
@@ -180,7 +167,31 @@ def main(small: bool = False) -> None:
         f"shared trace 2 probes | {len(BLOCKS) * (BLOCK_STEPS + 1) + 2} | {t_blk:.0f} s | "
         + ", ".join(f"{k} {float(r.lambda_max):.4g}" for k, r in blocks.items()) + " |")
     write()
+    if small:
+        return
+    if len(kept) == 2:         # `--reuse-big`: the 1.3B compile takes over half an hour
+        mem_rows.append(kept[0])
+        notes += ["", kept[1]]
+        write()
+        return
+    big = dec.Config.gpt_1b(**BIG)
+    m = sharding.auto_mesh(jax.make_mesh(BIG_MESH, ("data", "model")))
+    t0 = time.perf_counter()
+    big_mem = ls.memory.device_memory(_abstract_operator(big, m, BIG_SEQS, BIG_CHUNK),
+                                      num_steps=BIG_STEPS)
+    mem_rows.append(_mem_line(
+        f"{dec.num_params(big) / 1e9:.2f}B (compiled only), mesh {BIG_MESH[0]}×"
+        f"{BIG_MESH[1]}, {BIG_SEQS}×{big.seq} tokens, chunk {BIG_CHUNK}, remat, "
+        f"{BIG_STEPS}-row basis", big_mem))
+    notes += ["", f"The 1.3B row ({big.layers} layers, width {big.width}, "
+              f"{big.heads} heads, {big.seq} positions, `jax.checkpoint` on every "
+              f"block) is compiled from abstract parameters and never run "
+              f"({time.perf_counter() - t0:.0f} s to compile): one device of an "
+              f"8×80 GB node needs the 'Lanczos step total' column for `eigenvalues` "
+              f"with `max_steps={BIG_STEPS}` (each extra probe of a trace block or a "
+              f"density adds about one product's temporaries)."]
+    write()
 
 
 if __name__ == "__main__":
-    main(small="--small" in sys.argv)
+    main(small="--small" in sys.argv, reuse_big="--reuse-big" in sys.argv)
