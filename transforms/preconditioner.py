@@ -156,7 +156,7 @@ def _shampoo(state, b2, graft_eps, block_size):
 
 def _soap(state, b2, eps, block_size):
     # Adam in the eigenbasis Q: P = Q diag(√v̂ + ε) Qᵀ blockwise.
-    leaves, treedef = jax.tree.flatten(state.mu)
+    leaves, treedef = state.layout.leaves, state.layout.treedef
     plans = _plans(leaves, state.bases, block_size)
     if not isinstance(state.count, jax.core.Tracer) and int(state.count) == 0:
         raise ValueError("`state` has taken no step yet (count 0).")

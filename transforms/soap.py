@@ -6,6 +6,7 @@ Improving and Stabilizing Shampoo using Adam".
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -18,21 +19,35 @@ from transforms import _second_order_blocks as blocks
 _BASES = ("eigh", "qr")
 
 
+@jax.tree_util.register_static   # no children: jit, vmap and tree maps carry it as is
+@dataclasses.dataclass(frozen=True)
+class _ParamLayout:
+    """The parameters' tree structure and leaf shapes, kept in `SoapState.layout` (the
+    moments are stored in block form, which does not record them)."""
+
+    treedef: Any
+    leaves: tuple   # one `jax.ShapeDtypeStruct` per leaf
+
+
 class SoapState(NamedTuple):
     """State of `scale_by_soap`.
 
-    `stats`, `bases` and `nu` hold, for each parameter leaf in `jax.tree.leaves` order,
-    the Shampoo statistics and their eigenbases (one `(num_blocks, b_i, b_i)` array per
-    dimension) and Adam's second moment in the rotated coordinates `(num_blocks, b_1,
-    …, b_k)`; for vectors and scalars (plain Adam) `stats` and `bases` are empty tuples
-    and `nu` is shaped like the parameter.
+    `mu`, `nu`, `stats` and `bases` are tuples with one entry per parameter leaf in
+    `jax.tree.leaves` order. For a preconditioned leaf (a matrix or tensor), `stats` and
+    `bases` hold the Shampoo statistics and their eigenbases (one `(num_blocks, b_i,
+    b_i)` array per dimension), and `mu` and `nu` Adam's first and second moments in the
+    rotated coordinates of the current bases, blocked as `(num_blocks, b_1, …, b_k)`.
+    For vectors and scalars (plain Adam) `stats` and `bases` are empty tuples and `mu`
+    and `nu` are shaped like the parameter, in its own coordinates. `layout` records
+    the parameters' structure and shapes.
     """
 
     count: jax.Array   # steps taken (int32)
-    mu: Any            # Adam's first moment, in the parameters' own coordinates
+    mu: tuple
     nu: tuple
     stats: tuple
     bases: tuple
+    layout: _ParamLayout
 
 
 def _rotate(xb, bases, transpose):
@@ -69,16 +84,52 @@ def _power_bases(stats, bases, nus):
     return tuple(new), tuple(new_nus)
 
 
-def _adam_in_basis(pl, g, m, v, qs, b2, eps, c2):
-    """(update, new v) for one leaf: Adam's step in the rotated coordinates."""
-    if not pl.preconditioned:
-        v = (1 - b2) * (g * jnp.conj(g)).real + b2 * v
-        return m / (jnp.sqrt(v / c2.astype(v.dtype)) + eps), v
-    g_rot = _rotate(blocks.to_blocks(g, pl), qs, transpose=True)
-    v = (1 - b2) * (g_rot * g_rot) + b2 * v
-    m_rot = _rotate(blocks.to_blocks(m, pl), qs, transpose=True)
-    d_rot = m_rot / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
-    return blocks.from_blocks(_rotate(d_rot, qs, transpose=False), pl), v
+def _rebase(mus, old, new):
+    """The rotated first moments, re-expressed from the bases `old` in the bases `new`:
+    Q_newᵀ (Q_old m Q_oldᵀ) Q_new along every dimension (plain leaves: `()`)."""
+    return tuple(m if not qo else _rotate(_rotate(m, qo, transpose=False), qn,
+                                          transpose=True)
+                 for m, qo, qn in zip(mus, old, new))
+
+
+def _refresh(hp, t, refresh, stats, state):
+    """(bases, mu, nu) for this step: on a refresh step the new bases, the rotated first
+    moments re-expressed in them and (`qr`) v permuted to follow the sorted columns;
+    otherwise the state's own. Only the preconditioned leaves' mu enter the `lax.cond`
+    (they must change on refresh steps); v stays out of it unless `qr` permutes it."""
+    pre = tuple(m if st else () for m, st in zip(state.mu, stats))
+    if hp["basis"] == "eigh":
+        def fresh(s, q, m):
+            new = _eigh_bases(s, q, ())[0]
+            return new, _rebase(m, q, new)
+        bases, pre = jax.lax.cond(refresh, fresh, lambda s, q, m: (q, m),
+                                  stats, state.bases, pre)
+        nus = state.nu
+    else:
+        def fresh(s, q, m, v):
+            new, v = jax.lax.cond(t == hp["start"], _eigh_bases, _power_bases, s, q, v)
+            return new, _rebase(m, q, new), v
+        nus = tuple(v if st else () for v, st in zip(state.nu, stats))
+        bases, pre, nus = jax.lax.cond(refresh, fresh, lambda s, q, m, v: (q, m, v),
+                                       stats, state.bases, pre, nus)
+        nus = tuple(p if st else v for p, v, st in zip(nus, state.nu, stats))
+    mus = tuple(p if st else m for p, m, st in zip(pre, state.mu, stats))
+    return bases, mus, nus
+
+
+def _adam_in_basis(pl, g, m, v, qs, hp, c1, c2):
+    """(update, new m, new v) for one leaf: Adam's step in the rotated coordinates, where
+    m and v are kept (plain Adam for vectors and scalars)."""
+    if pl.preconditioned:
+        g = _rotate(blocks.to_blocks(g, pl), qs, transpose=True)
+        v = (1 - hp["b2"]) * (g * g) + hp["b2"] * v
+    else:
+        v = (1 - hp["b2"]) * (g * jnp.conj(g)).real + hp["b2"] * v
+    m = (1 - hp["b1"]) * g + hp["b1"] * m
+    d = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + hp["eps"])
+    if pl.preconditioned:
+        d = blocks.from_blocks(_rotate(d, qs, transpose=False), pl)
+    return d, m, v
 
 
 def _soap_update(hp, updates, state, step):
@@ -87,33 +138,22 @@ def _soap_update(hp, updates, state, step):
     t_inc = (t + 1)
     leaves_g, treedef = jax.tree.flatten(updates)
     dtype = jnp.result_type(*leaves_g) if leaves_g else jnp.float32
-    mu = optax.tree.update_moment(updates, state.mu, hp["b1"], 1)
     c1 = 1 - hp["b1"] ** t_inc.astype(dtype)
-    mu_hat = jax.tree.map(lambda m: m / c1.astype(m.dtype), mu)
     c2 = 1 - hp["b2"] ** t_inc.astype(dtype)
     plans = [blocks.make_plan(jnp.shape(g), hp["block_size"]) for g in leaves_g]
     sb2 = hp["shampoo_b2"]
     stats = tuple(() if not pl.preconditioned else tuple(
         sb2 * s + (1 - sb2) * blocks.mode_statistic(blocks.to_blocks(g, pl), i)
         for i, s in enumerate(st)) for pl, g, st in zip(plans, leaves_g, state.stats))
-
-    if hp["basis"] == "eigh":   # v stays out of the cond, which would copy it
-        bases = jax.lax.cond(refresh, lambda s, q: _eigh_bases(s, q, ())[0],
-                             lambda s, q: q, stats, state.bases)
-        nus = state.nu
-    else:
-        bases, nus = jax.lax.cond(
-            refresh,
-            lambda s, q, v: jax.lax.cond(t == hp["start"], _eigh_bases, _power_bases,
-                                         s, q, v),
-            lambda s, q, v: (q, v), stats, state.bases, state.nu)
-    out, new_nus = [], []
-    for pl, g, m, v, qs in zip(plans, leaves_g, treedef.flatten_up_to(mu_hat), nus, bases):
-        u, v = _adam_in_basis(pl, g, m, v, qs, hp["b2"], hp["eps"], c2)
+    bases, mus, nus = _refresh(hp, t, refresh, stats, state)
+    out, new_mus, new_nus = [], [], []
+    for pl, g, m, v, qs in zip(plans, leaves_g, mus, nus, bases):
+        u, m, v = _adam_in_basis(pl, g, m, v, qs, hp, c1, c2)
         out.append(u)
+        new_mus.append(m)
         new_nus.append(v)
-    new_state = SoapState(optax.safe_increment(state.count), mu, tuple(new_nus), stats,
-                          bases)
+    new_state = SoapState(optax.safe_increment(state.count), tuple(new_mus),
+                          tuple(new_nus), stats, bases, state.layout)
     return treedef.unflatten(out), new_state
 
 
@@ -141,17 +181,21 @@ def scale_by_soap(
        which also permutes Adam's second moment to follow the sorted columns). Before
        the first refresh the bases are the identity; a failed decomposition keeps the
        previous basis.
-    3. m ← b1 m + (1 − b1) G in the original coordinates; G' = Q_Lᵀ G Q_R and
-       v ← b2 v + (1 − b2) G'² in the rotated ones;
-       update = Q_L [m̂' / (√v̂ + eps)] Q_Rᵀ with m' = Q_Lᵀ m̂ Q_R and Adam's bias
-       corrections, exactly optax's Adam when the bases are the identity.
+    3. G' = Q_Lᵀ G Q_R; both of Adam's moments live in these rotated coordinates, as in
+       the reference implementation: m ← b1 m + (1 − b1) G', v ← b2 v + (1 − b2) G'²,
+       update = Q_L [m̂ / (√v̂ + eps)] Q_Rᵀ with Adam's bias corrections, exactly
+       optax's Adam when the bases are the identity. A refresh re-expresses m in the new
+       bases, m ← Q_newᵀ (Q_old m Q_oldᵀ) Q_new, so m is the same moment as if it were
+       kept in the original coordinates (up to rounding).
 
     Vectors and scalars use plain Adam. Unlike the reference implementation, the first
     step is not skipped: its basis comes from the first gradient's statistics.
 
     Cost for an (m × n) parameter with blocks of size b: memory O(mn + (m + n)·b) (two
-    moments, statistics and bases); compute per step O(mn·b) for the statistics and the
-    four rotations, plus O((m + n)·b²) per refresh (`eigh` or QR).
+    moments, statistics and bases); compute per step O(mn·b) for the statistics and two
+    rotations, G into the bases and the update out of them (one product per dimension
+    each: four matrix products for a matrix), plus, per refresh, O((m + n)·b²) for
+    `eigh` or QR and four more products to re-express m.
 
     In a vmapped group (a sweep), pass the global step count as `update(..., step=t)`
     with `t` unbatched (`in_axes=None`, or through `transforms.train_step`'s extra
@@ -193,19 +237,24 @@ def scale_by_soap(
         basis=check.choice(basis, "basis", _BASES))
 
     def init_fn(params):
-        stats, bases, nu = [], [], []
-        for p in jax.tree.leaves(params):
+        stats, bases, mu, nu = [], [], [], []
+        leaves, treedef = jax.tree.flatten(params)
+        for p in leaves:
             pl = blocks.make_plan(jnp.shape(p), hp["block_size"])
             if pl.preconditioned:
                 stats.append(blocks.zero_blocks(pl, p.dtype))
                 bases.append(blocks.identity_blocks(pl, p.dtype))
+                mu.append(jnp.zeros((pl.total_blocks,) + pl.block, p.dtype))
                 nu.append(jnp.zeros((pl.total_blocks,) + pl.block, p.dtype))
             else:
                 stats.append(())
                 bases.append(())
+                mu.append(jnp.zeros_like(p))
                 nu.append(jnp.zeros_like(p))
-        return SoapState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params),
-                         tuple(nu), tuple(stats), tuple(bases))
+        layout = _ParamLayout(treedef, tuple(
+            jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)) for p in leaves))
+        return SoapState(jnp.zeros([], jnp.int32), tuple(mu), tuple(nu), tuple(stats),
+                         tuple(bases), layout)
 
     def update_fn(updates, state, params=None, *, step=None, **extra_args):
         del params, extra_args

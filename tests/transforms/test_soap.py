@@ -156,3 +156,89 @@ def test_weight_decay_with_identity_basis_is_adamw():
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def _along(x, m, i):
+    """Each block of `x` (`(n, b_1, …, b_k)`) times `m[block]` (`(n, b, b)`) along
+    dimension i: out[.., a, ..] = Σ_j m[a, j] x[.., j, ..]."""
+    xm = jnp.moveaxis(x, 1 + i, -1)
+    mt = jnp.swapaxes(m, -1, -2).reshape((m.shape[0],) + (1,) * (x.ndim - 3) + m.shape[1:])
+    return jnp.moveaxis(xm @ mt, -1, 1 + i)
+
+
+def soap_momentum_in_own_coordinates(gs, b1, b2, eps, every, start, basis, block_size):
+    """The earlier implementation, written plainly: Adam's first moment kept in the
+    parameters' own coordinates and rotated into the eigenbases at every step. Returns
+    the updates of every step and the final first moments (like params)."""
+    leaves, treedef = jax.tree.flatten(gs[0])
+    plans = [blocks.make_plan(np.shape(p), block_size) for p in leaves]
+    stats = [[jnp.zeros((pl.total_blocks, b, b)) for b in pl.block] for pl in plans]
+    bases = [[jnp.broadcast_to(jnp.eye(b), (pl.total_blocks, b, b)) for b in pl.block]
+             for pl in plans]
+    mu = [jnp.zeros(np.shape(p)) for p in leaves]
+    nu = [jnp.zeros((pl.total_blocks,) + pl.block) if pl.preconditioned
+          else jnp.zeros(np.shape(p)) for pl, p in zip(plans, leaves)]
+    out = []
+    for t, g_tree in enumerate(gs):
+        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        refresh = t >= start and (t - start) % every == 0
+        ups = []
+        for k, (pl, g) in enumerate(zip(plans, treedef.flatten_up_to(g_tree))):
+            mu[k] = b1 * mu[k] + (1 - b1) * g
+            if not pl.preconditioned:
+                nu[k] = b2 * nu[k] + (1 - b2) * g * g
+                ups.append((mu[k] / c1) / (jnp.sqrt(nu[k] / c2) + eps))
+                continue
+            gb = blocks.to_blocks(g, pl)
+            stats[k] = [b2 * s + (1 - b2) * blocks.mode_statistic(gb, i)
+                        for i, s in enumerate(stats[k])]
+            for i in range(pl.rank) if refresh else ():
+                if basis == "eigh" or t == start:
+                    bases[k][i] = blocks.eigenbasis(stats[k][i], bases[k][i])
+                else:   # sort the columns, one power step, v follows the columns
+                    bases[k][i], order = blocks.qr_power_step(stats[k][i], bases[k][i])
+                    idx = order.reshape([order.shape[0]] + [order.shape[1] if d == i else 1
+                                                            for d in range(pl.rank)])
+                    nu[k] = jnp.take_along_axis(nu[k], jnp.broadcast_to(idx, nu[k].shape),
+                                                axis=1 + i)
+            g_rot, m_rot = gb, blocks.to_blocks(mu[k] / c1, pl)
+            for i, q in enumerate(bases[k]):
+                qt = jnp.swapaxes(q, -1, -2)
+                g_rot, m_rot = _along(g_rot, qt, i), _along(m_rot, qt, i)
+            nu[k] = b2 * nu[k] + (1 - b2) * g_rot * g_rot
+            d = m_rot / (jnp.sqrt(nu[k] / c2) + eps)
+            for i, q in enumerate(bases[k]):
+                d = _along(d, q, i)
+            ups.append(blocks.from_blocks(d, pl))
+        out.append(treedef.unflatten(ups))
+    return out, treedef.unflatten(mu)
+
+
+@pytest.mark.parametrize("basis", ["eigh", "qr"])
+def test_rotated_momentum_matches_momentum_in_own_coordinates(basis):
+    """mu kept in the eigenbases (re-expressed at each refresh) is the earlier
+    algorithm (mu in the parameters' coordinates, rotated every step) to round-off,
+    over several refreshes, on a blocked and padded matrix, a 3-D tensor and a vector."""
+    like = {"w": jnp.zeros((6, 5)), "conv": jnp.zeros((3, 2, 5)), "b": jnp.zeros(5)}
+    gs = [jax.tree.map(lambda x, i=i: x * (1 + 0.2 * i), g)
+          for i, g in enumerate(random_grads(like, 25, seed=5))]
+    b1, b2, eps, every, start, bs = 0.9, 0.95, 1e-8, 3, 1, 4
+    opt = scale_by_soap(b1, b2, eps, precondition_every=every, basis=basis,
+                        start_preconditioning_step=start, block_size=bs)
+    want, want_mu = soap_momentum_in_own_coordinates(gs, b1, b2, eps, every, start,
+                                                      basis, bs)
+    state, update = opt.init(like), jax.jit(opt.update)
+    for g, w in zip(gs, want):
+        u, state = update(g, state)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(w)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    # the state's mu, taken back to the parameters' coordinates, is the earlier mu
+    for p, m, qs, w in zip(jax.tree.leaves(like), state.mu, state.bases,
+                           jax.tree.leaves(want_mu)):
+        pl = blocks.make_plan(p.shape, bs)
+        for i, q in enumerate(qs):
+            m = _along(m, q, i)
+        got = blocks.from_blocks(m, pl) if pl.preconditioned else m
+        np.testing.assert_allclose(got, w, rtol=1e-10, atol=1e-14)
+    # leaves b, conv, w: w as 2 × 2 blocks of 3 × 3, conv as 2 blocks of 3 × 2 × 3
+    assert [m.shape for m in state.mu] == [(5,), (2, 3, 2, 3), (4, 3, 3)]
