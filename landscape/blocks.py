@@ -61,6 +61,10 @@ class BlockOperator(_OperatorMethods):
     def value(self) -> jax.Array:
         return self.op.value()
 
+    @property
+    def sharded(self) -> bool:
+        return self.op.sharded
+
     def gradient(self) -> Any:
         """The block's part of the loss gradient (None when `op` has no loss)."""
         full = self.op.gradient()

@@ -79,6 +79,11 @@ class _OperatorMethods:
         """The loss gradient at the operator's point (None for operators without a loss)."""
         return None
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are placed over a mesh (`ls.shard(op, mesh=...)`)."""
+        return False
+
     def flat_matvec(self) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
         """`(mv, x0)`: the operator on flat vectors, and params flattened."""
         flat, unravel = ravel_pytree(self.params)
@@ -138,6 +143,10 @@ class CurvatureOperator(_OperatorMethods):
     key: jax.Array | None = None
     shards: Any = None
     layout: Any = None  # `sharding.Layout` when the parameters are sharded over a mesh
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout is not None
 
     @property
     def num_examples(self) -> int:
@@ -300,6 +309,10 @@ class PreparedOperator(_OperatorMethods):
 
     def value(self) -> jax.Array:
         return self.base.value()
+
+    @property
+    def sharded(self) -> bool:
+        return self.base.sharded
 
     def gradient(self) -> Any:
         """The loss gradient: for the Hessian, the linearization's own output (no cost)."""

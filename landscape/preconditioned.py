@@ -60,6 +60,10 @@ class PreconditionedOperator(_OperatorMethods):
     def value(self) -> jax.Array:
         return self.op.value()
 
+    @property
+    def sharded(self) -> bool:
+        return self.op.sharded
+
 
 def _check_diagonal(precond: Any, params: Any) -> Any:
     _validate.same_structure(precond, params, name="precond")

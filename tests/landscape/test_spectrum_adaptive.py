@@ -122,6 +122,30 @@ def test_num_matvecs_counts_every_product_including_checks():
     np.testing.assert_allclose(eig.values, [6.0, 6.0], rtol=TOL)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("which", ["top", "both"])
+def test_residuals_are_those_of_the_returned_pairs(which, keep, monkeypatch):
+    """Without checks (k=1) the run keeps its products and forms A·y from them (no
+    product more) unless they would take too much memory: either way the residuals are
+    ‖A y − θ y‖ of the returned pairs, against numpy in float64, and the products
+    counted on the host equal `num_matvecs`."""
+    from landscape import spectrum
+    op, a = operator(SPECTRA["clusters"], seed=6)
+    kept = ls.eigenvalues(op, k=1, key=KEY, which=which)   # the default: kept
+    if not keep:
+        monkeypatch.setattr(spectrum, "_PRODUCT_BYTES", 0)
+    counted, count = counting(op)
+    eig = ls.eigenvalues(counted, k=1, key=KEY, which=which)
+    jax.block_until_ready(eig.values)
+    wanted = 2 if which == "both" else 1
+    assert count[0] == int(eig.num_matvecs)
+    y = np.asarray(eig.vectors)
+    want = np.linalg.norm(y @ a - np.asarray(eig.values)[:, None] * y, axis=1)
+    np.testing.assert_allclose(eig.residuals, want, rtol=1e-6, atol=1e-13)
+    np.testing.assert_allclose(eig.values, kept.values, rtol=1e-12)
+    assert int(eig.num_matvecs) == int(kept.num_matvecs) + (0 if keep else wanted)
+
+
 def test_fixed_num_steps_is_the_plain_lanczos_run():
     op, _ = operator(SPECTRA["clusters"], seed=4)
     eig = ls.eigenvalues(op, k=3, key=KEY, num_steps=20)
