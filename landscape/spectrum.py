@@ -353,25 +353,26 @@ def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks) -> _Fou
 @functools.partial(jax.jit, static_argnames=("k", "which", "cap", "max_checks", "keep",
                                              "mode", "budget"))
 def _adaptive_eigen(op, key, tol, init, *, k, which, cap, max_checks, keep, mode, budget):
-    """The adaptive Lanczos run, the repeat checks, then true residuals (one product each)."""
+    """The adaptive Lanczos run, the repeat checks, then the pairs' residuals: from the
+    run's kept products when `keep` (no checks then), otherwise one product each."""
     op = prepared(op, mode, budget)
     mv, flat, shaped = _flat(op, op.matvec)
     k_start, k_restart = jax.random.split(key)
     v0 = flat(_cold_start(op, k_start, which) if init is None else init)
     values, vectors, steps, products = _adaptive_run(mv, v0, k_restart, tol, k=k,
                                                      which=which, cap=cap, keep=keep)
-    if keep:   # A·y from the products taken, not from the recurrence: no product more
-        res = V.row_norms(V.sub(products, _scale_rows(values, vectors)))
-        return values, shaped(vectors), res, op.value(), steps, jnp.zeros((), bool)
     found = _Found(values, vectors, steps, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
                    jax.random.fold_in(k_restart, 1))
     if max_checks:
         found = _check_repeats(mv, found, tol, k=k, which=which, cap=cap,
                                max_checks=max_checks)
     checked = (found.checks > 0) & ~found.new
-    res = _residuals(mv, found.values, found.vectors)
-    return (found.values, shaped(found.vectors), res, op.value(),
-            found.steps + values.shape[0], checked)
+    if keep:   # A·y from the products taken, not from the recurrence: no product more
+        res, count = V.row_norms(V.sub(products, _scale_rows(values, vectors))), steps
+    else:
+        res = _residuals(mv, found.values, found.vectors)
+        count = found.steps + values.shape[0]
+    return found.values, shaped(found.vectors), res, op.value(), count, checked
 
 
 @functools.partial(jax.jit, static_argnames=("k", "max_iters", "mode", "budget"))

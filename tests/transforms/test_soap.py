@@ -214,6 +214,7 @@ def soap_momentum_in_own_coordinates(gs, b1, b2, eps, every, start, basis, block
     return out, treedef.unflatten(mu)
 
 
+@pytest.mark.timeout(600)   # eigh on CPU: never let a decomposition hang the suite
 @pytest.mark.parametrize("basis", ["eigh", "qr"])
 def test_rotated_momentum_matches_momentum_in_own_coordinates(basis):
     """mu kept in the eigenbases (re-expressed at each refresh) is the earlier
