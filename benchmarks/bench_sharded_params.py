@@ -17,7 +17,8 @@ programs run and what each device holds, not the speed of eight real devices. A
 longer collective timeout keeps a loaded machine from aborting a rendezvous.
 
 Run: `.venv/bin/python -m benchmarks.bench_sharded_params [--small] [--reuse-big]`
-(`--reuse-big` keeps the 1.3B row already in RESULTS.md instead of compiling it again).
+(`--reuse-big` keeps the 1.3B row already in RESULTS.md, when it is of this table,
+instead of compiling it again).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _FLAGS = ("--xla_force_host_platform_device_count=8 "
           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAGS).strip()
 
+import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -87,7 +89,21 @@ def _mem_line(label, mem):
     return (f"| {label} | {mem.params / GIB:.3f} | {mem.params_total / GIB:.3f} | "
             f"{mem.matvec.argument / GIB:.2f} | {mem.matvec.temp / GIB:.2f} | "
             f"{mem.matvec.total / GIB:.2f} | {mem.basis / GIB:.2f} | "
-            f"{mem.lanczos_step.total / GIB:.2f} |")
+            f"{mem.eigenvalues.total / GIB:.2f} |")
+
+
+def _room(per_device):
+    """Whether every local device's share fits the host's free memory (with a margin):
+    simulated devices share it. Memory the earlier tasks freed goes back to the system
+    first (glibc keeps freed pages otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    need = jax.local_device_count() * per_device
+    return need <= 0.8 * free, f"{need / GIB:.1f} GiB for {jax.local_device_count()} " \
+        f"devices, {free / GIB:.1f} GiB free"
 
 
 def main(small: bool = False, reuse_big: bool = False) -> None:
@@ -95,6 +111,8 @@ def main(small: bool = False, reuse_big: bool = False) -> None:
     # Read before this run rewrites its section.
     kept = [line for line in RESULTS.read_text().splitlines() if reuse_big and (
         "B (compiled only)" in line or line.startswith("The 1.3B row"))]
+    if not any("program total" in line for line in kept):   # an older table's row
+        kept = []
     mesh = sharding.auto_mesh(jax.make_mesh(MESH, ("data", "model")))
     cfg = dec.Config(seq=1024) if not small else dec.Config(
         vocab=512, seq=64, layers=2, width=64, heads=4)
@@ -106,25 +124,29 @@ def main(small: bool = False, reuse_big: bool = False) -> None:
     print(f"{n:,} parameters on {mesh.shape}", flush=True)
     head = [
         f"Machine: {machine()}; 8 simulated CPU devices (`XLA_FLAGS={_FLAGS}`), mesh "
-        f"{MESH[0]}×{MESH[1]} (data × model). Times are wall-clock, compilation included, "
-        f"on a machine shared with other work (the load average at the end is below).",
+        f"{MESH[0]}×{MESH[1]} (data × model). Times are wall-clock on a machine shared "
+        f"with other work (the load average at the end is below).",
         "",
         f"Model: decoder-only transformer, {cfg.layers} layers, width {cfg.width}, "
         f"{cfg.heads} heads, vocabulary {cfg.vocab:,}, {cfg.seq} positions, tied "
         f"embedding: **{n:,} float32 parameters**, every weight split FSDP-style over "
         f"the model axis (`ls.shard(H, mesh=mesh)`). Data: {SEQS} synthetic sequences of "
         f"{SEQ} tokens (random walks over the vocabulary), split over the data axis, "
-        f"chunks of {CHUNK} sequences.",
+        f"chunks of {CHUNK} sequences. Products: `mode={MODE!r}`.",
     ]
     mem_rows = ["", "Per-device memory from the compiled programs (`ls.memory.device_memory"
-                "(H, num_steps=...)`, GiB): the device's share of the parameters against "
+                "(H, k, max_steps=...)`, GiB): the device's share of the parameters against "
                 "all of them, one product (arguments: its shards of parameters and data; "
-                "temporaries), the Lanczos basis, and one Lanczos step with that basis.",
+                "temporaries), the Lanczos basis, and the whole `ls.eigenvalues` program "
+                "with these arguments (its peak: arguments, outputs and temporaries).",
                 "", "| model | params / device | params total | matvec args | matvec temp "
-                "| matvec total | basis | Lanczos step total |",
+                "| matvec total | basis | `eigenvalues` program total |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    task_rows = ["", "| task | setting | products | time (compilation included) | result |",
-                 "|---|---|---:|---:|---|"]
+    task_rows = ["", "Each task's program is compiled first (its per-device peak read from "
+                 "the compiled program), and run only if the eight devices' shares fit the "
+                 "host's free memory; the run reuses that compilation.", "",
+                 "| task | setting | products | per-device peak | compile | run | result |",
+                 "|---|---|---:|---:|---:|---:|---|"]
     notes = []
 
     def write():
@@ -137,40 +159,51 @@ def main(small: bool = False, reuse_big: bool = False) -> None:
                           "decoder on 8 simulated devices (`bench_sharded_params`)\n\n"
                           + text)
 
+    def task(label, setting, per_device, t_compile, run, products, result):
+        fits, room = _room(per_device)
+        if not fits:
+            task_rows.append(f"| {label} | {setting} | | {per_device / GIB:.2f} GiB | "
+                             f"{t_compile:.0f} s | not run | needs {room} |")
+        else:
+            out, t_run = _timed(run)
+            task_rows.append(f"| {label} | {setting} | {products(out)} | "
+                             f"{per_device / GIB:.2f} GiB | {t_compile:.0f} s | "
+                             f"{t_run:.1f} s | {result(out)} |")
+        write()
+
+    eig_args = dict(k=3, max_steps=EIG_STEPS, check=False, mode=MODE)
     t0 = time.perf_counter()
-    mem = ls.memory.device_memory(H, num_steps=EIG_STEPS)
+    mem = ls.memory.device_memory(H, **eig_args)
+    t_mem = time.perf_counter() - t0
     mem_rows.append(_mem_line(f"{n / 1e6:.0f}M, {SEQS}×{SEQ} tokens, chunk {CHUNK}, "
                               f"{EIG_STEPS}-row basis", mem))
-    print(mem_rows[-1], f"{time.perf_counter() - t0:.0f} s", flush=True)
     write()
+    task("λ_max, top 3", f"adaptive Lanczos, `max_steps={EIG_STEPS}`, no repeat check",
+         mem.eigenvalues.total, t_mem, lambda: ls.eigenvalues(H, key=key, **eig_args),
+         lambda e: int(e.num_matvecs),
+         lambda e: ", ".join(f"{float(x):.4g}" for x in e.values) + " (residual/|λ| "
+         + ", ".join(f"{float(r / abs(x)):.1e}" for r, x in zip(e.residuals, e.values))
+         + ")")
 
-    mv = jax.jit(lambda op, v: op.matvec(v))
-    v = jax.tree.map(jnp.ones_like, H.params)
-    _, t_first = _timed(lambda: mv(H, v))
-    _, t_mv = _timed(lambda: mv(H, v))
-    task_rows.append(f"| one Hessian-vector product | after compilation (first call "
-                     f"{t_first:.0f} s) | 1 | {t_mv:.1f} s | |")
-    write()
-    eig, t_eig = _timed(lambda: ls.eigenvalues(H, k=3, key=key, max_steps=EIG_STEPS,
-                                               check=False, mode=MODE))
-    task_rows.append(
-        f"| λ_max, top 3 | adaptive Lanczos, `max_steps={EIG_STEPS}`, no repeat check, `mode={MODE!r}` | "
-        f"{int(eig.num_matvecs)} | {t_eig:.0f} s | "
-        f"{', '.join(f'{float(x):.4g}' for x in eig.values)} (residual/|λ| "
-        f"{', '.join(f'{float(r / abs(x)):.1e}' for r, x in zip(eig.residuals, eig.values))}) |")
-    write()
-    tr, t_tr = _timed(lambda: ls.trace(H, key=key, num_probes=TRACE_PROBES,
-                                       method="hutchinson", mode=MODE))
-    task_rows.append(f"| trace | Hutchinson, {TRACE_PROBES} probes | {TRACE_PROBES} | "
-                     f"{t_tr:.0f} s | {float(tr.value):.4g} ± {float(tr.std_error):.2g} |")
-    write()
-    blocks, t_blk = _timed(lambda: ls.per_block(H, BLOCKS, key=key, num_steps=BLOCK_STEPS,
-                                                trace_probes=2, mode=MODE))
-    task_rows.append(
-        f"| per-block λ_max | {len(BLOCKS)} blocks, {BLOCK_STEPS} Lanczos steps each, "
-        f"shared trace 2 probes | {len(BLOCKS) * (BLOCK_STEPS + 1) + 2} | {t_blk:.0f} s | "
-        + ", ".join(f"{k} {float(r.lambda_max):.4g}" for k, r in blocks.items()) + " |")
-    write()
+    def trace_fn(o, k):
+        return ls.trace(o, key=k, num_probes=TRACE_PROBES, method="hutchinson", mode=MODE)
+
+    def blocks_fn(o, k):
+        return ls.per_block(o, BLOCKS, key=k, num_steps=BLOCK_STEPS, trace_probes=2,
+                            mode=MODE)
+
+    for label, setting, fn, products, result in (
+            ("trace", f"Hutchinson, {TRACE_PROBES} probes", trace_fn,
+             lambda _: TRACE_PROBES,
+             lambda t: f"{float(t.value):.4g} ± {float(t.std_error):.2g}"),
+            ("per-block λ_max", f"{len(BLOCKS)} blocks, {BLOCK_STEPS} Lanczos steps each, "
+             "shared trace 2 probes", blocks_fn,
+             lambda _: len(BLOCKS) * (BLOCK_STEPS + 1) + 2,
+             lambda b: ", ".join(f"{k} {float(r.lambda_max):.4g}" for k, r in b.items()))):
+        t0 = time.perf_counter()
+        est = ls.memory.memory_estimate(fn, H, key)   # jax.jit(fn) below reuses it
+        task(label, setting, est.total, time.perf_counter() - t0,
+             lambda fn=fn: jax.jit(fn)(H, key), products, result)
     if small:
         return
     if len(kept) == 2:         # `--reuse-big`: the 1.3B compile takes over half an hour
@@ -182,7 +215,7 @@ def main(small: bool = False, reuse_big: bool = False) -> None:
     m = sharding.auto_mesh(jax.make_mesh(BIG_MESH, ("data", "model")))
     t0 = time.perf_counter()
     big_mem = ls.memory.device_memory(_abstract_operator(big, m, BIG_SEQS, BIG_CHUNK),
-                                      num_steps=BIG_STEPS)
+                                      k=3, max_steps=BIG_STEPS, check=False, mode=MODE)
     mem_rows.append(_mem_line(
         f"{dec.num_params(big) / 1e9:.2f}B (compiled only), mesh {BIG_MESH[0]}×"
         f"{BIG_MESH[1]}, {BIG_SEQS}×{big.seq} tokens, chunk {BIG_CHUNK}, remat, "
@@ -191,9 +224,9 @@ def main(small: bool = False, reuse_big: bool = False) -> None:
               f"{big.heads} heads, {big.seq} positions, `jax.checkpoint` on every "
               f"block) is compiled from abstract parameters and never run "
               f"({time.perf_counter() - t0:.0f} s to compile): one device of an "
-              f"8×80 GB node needs the 'Lanczos step total' column for `eigenvalues` "
-              f"with `max_steps={BIG_STEPS}` (each extra probe of a trace block or a "
-              f"density adds about one product's temporaries)."]
+              f"8×80 GB node needs the '`eigenvalues` program total' column for "
+              f"`ls.eigenvalues(H, k=3, max_steps={BIG_STEPS}, check=False, "
+              f"mode={MODE!r})`."]
     write()
 
 

@@ -14,10 +14,12 @@ same random draws as `jax.random` on that array.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 def leaves(tree: Any) -> list:
@@ -63,12 +65,88 @@ def shaped_like(flat: Any, like: Any) -> Any:
     return jax.tree.map(lambda x, p: x.reshape(x.shape[:-1] + jnp.shape(p)), flat, like)
 
 
+def _split_dim(p: Any):
+    s = getattr(p, "sharding", None)
+    if not isinstance(s, NamedSharding):
+        return ()
+    split = []
+    for d, entry in enumerate(s.spec):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        parts = math.prod(s.mesh.shape[a] for a in names if a is not None)
+        if parts > 1:
+            split.append((d, parts, NamedSharding(s.mesh, P(entry, None))))
+    return () if not split else (split[0] if len(split) == 1 else None)
+
+
+def split_dims(tree: Any) -> tuple:
+    """For each leaf of `tree` (arrays or `jax.ShapeDtypeStruct`s, outside of jit):
+    `(dim, parts, sharding)` for the one dimension its `NamedSharding` splits, `()`
+    when nothing is split, None when several dimensions are. Hashable: a static
+    argument of the jitted routines that use `flat_layout`."""
+    return tuple(_split_dim(p) for p in leaves(tree))
+
+
+def flat_layout(like: Any, splits: tuple | None = None) -> tuple[Any, Any]:
+    """`(to_flat, to_shaped)` for vectors and stacks shaped like `like`: each leaf as
+    flat rows, and back (the tree structure stays; stacks keep their leading axes).
+
+    `splits` (`split_dims` of the parameters, taken outside of jit; default: nothing
+    split) says how each leaf is placed. A leaf on one device, or replicated, becomes
+    a flat vector. A leaf whose sharding splits one dimension into `parts` becomes a
+    `(parts, size / parts)` matrix split over its first axis, each row one device's
+    shard in its own order, so the reshape moves no data between devices. A leaf split
+    over several dimensions keeps its shape. Loops that carry a basis keep it in this
+    layout: XLA handles a loop-carried stack of matrix-shaped leaves poorly (on CPU,
+    products with a 31-row basis of `(m, a, b)` leaves ran 7× slower than with
+    `(m, a·b)` rows, and a partitioned program held three copies of such a basis)."""
+    kinds = splits if splits is not None else tuple(() for _ in leaves(like))
+    treedef = jax.tree.structure(like)
+    shapes = [tuple(jnp.shape(p)) for p in leaves(like)]
+
+    def to_flat(tree):
+        out = []
+        for x, kind, shape in zip(leaves(tree), kinds, shapes):
+            lead = x.shape[:x.ndim - len(shape)]
+            if kind is None:
+                out.append(x)
+            elif kind == ():
+                out.append(x.reshape(lead + (-1,)))
+            else:
+                d, parts, sharding = kind
+                y = x.reshape(lead + shape[:d] + (parts, shape[d] // parts) + shape[d + 1:])
+                y = jnp.moveaxis(y, len(lead) + d, len(lead)).reshape(lead + (parts, -1))
+                spec = P(*((None,) * len(lead)), *sharding.spec)
+                out.append(jax.lax.with_sharding_constraint(
+                    y, NamedSharding(sharding.mesh, spec)))
+        return jax.tree.unflatten(treedef, out)
+
+    def to_shaped(tree):
+        out = []
+        for x, kind, shape in zip(leaves(tree), kinds, shapes):
+            if kind is None:
+                out.append(x)
+                continue
+            lead = x.shape[:x.ndim - (1 if kind == () else 2)]
+            if kind == ():
+                out.append(x.reshape(lead + shape))
+                continue
+            d, parts, _ = kind
+            y = x.reshape(lead + (parts,) + shape[:d] + (shape[d] // parts,) + shape[d + 1:])
+            out.append(jnp.moveaxis(y, len(lead), len(lead) + d).reshape(lead + shape))
+        return jax.tree.unflatten(treedef, out)
+
+    return to_flat, to_shaped
+
+
 def row(stack: Any, i) -> Any:
     return jax.tree.map(lambda x: x[i], stack)
 
 
 def set_row(stack: Any, i, v: Any) -> Any:
-    return jax.tree.map(lambda s, x: s.at[i].set(x), stack, v)
+    """Row `i` of `stack` replaced by `v`: a dynamic-update-slice (in place inside a
+    loop; `.at[i].set` is a scatter, which a partitioned program copies around)."""
+    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(
+        s, x.astype(s.dtype), i, 0), stack, v)
 
 
 def stack_rows(trees: list) -> Any:

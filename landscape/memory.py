@@ -15,16 +15,14 @@ reverse-mode pass (see benchmarks/bench_memory.py for the numbers).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from landscape import _validate
-from landscape import _vectors as V
+from landscape import _validate, spectrum
+from landscape._bytes import default_budget, device_bytes, tree_bytes
 
 __all__ = ["ChunkChoice", "DeviceMemory", "MemoryEstimate", "chunk_size_for_budget",
            "default_budget", "device_bytes", "device_memory", "matvec_memory",
@@ -66,7 +64,11 @@ def memory_estimate(fn: Callable[..., Any], *args: Any) -> MemoryEstimate:
     """
     if not callable(fn):
         raise ValueError(f"`fn` must be callable; got {type(fn).__name__}.")
-    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return _estimate(jax.jit(fn).lower(*args).compile())
+
+
+def _estimate(compiled: Any) -> MemoryEstimate:
+    analysis = compiled.memory_analysis()
     if analysis is None:
         raise ValueError("this backend gives no memory analysis for compiled functions.")
     argument = int(analysis.argument_size_in_bytes)
@@ -74,6 +76,16 @@ def memory_estimate(fn: Callable[..., Any], *args: Any) -> MemoryEstimate:
     temp = int(analysis.temp_size_in_bytes)
     alias = int(analysis.alias_size_in_bytes)
     return MemoryEstimate(argument, output, temp, alias, argument + output + temp - alias)
+
+
+def _product(o, w):
+    return o.matvec(w)
+
+
+def _abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs like `tree`, keeping each leaf's sharding."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def matvec_memory(op: Any) -> MemoryEstimate:
@@ -85,30 +97,9 @@ def matvec_memory(op: Any) -> MemoryEstimate:
     if not hasattr(op, "matvec") or not hasattr(op, "params"):
         raise ValueError("`op` must be a landscape operator (with `matvec` and `params`); "
                          f"got {type(op).__name__}.")
-    return memory_estimate(lambda o, w: o.matvec(w), op, _abstract(op.params))
+    return memory_estimate(_product, op, _abstract(op.params))
 
 
-def tree_bytes(tree: Any) -> int:
-    """Bytes of a pytree's array leaves (arrays or `jax.ShapeDtypeStruct`s).
-
-    Example:
-      >>> ls.memory.tree_bytes(jax.eval_shape(lambda p: jax.linearize(f, p)[1], params))
-    """
-    return sum(int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
-
-
-def device_bytes(tree: Any) -> int:
-    """Bytes of a pytree's arrays held by one device: each leaf's shard (its full size
-    when it is not split, e.g. replicated or on one device)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = np.shape(x)
-        sharding = getattr(x, "sharding", None)
-        if sharding is not None and hasattr(sharding, "shard_shape"):
-            shape = sharding.shard_shape(shape)
-        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-    return total
 
 
 class DeviceMemory(NamedTuple):
@@ -116,83 +107,50 @@ class DeviceMemory(NamedTuple):
 
     matvec: XLA's analysis of one compiled product (per device for a partitioned
       program: arguments, i.e. the device's shards of params and data, + temporaries).
-    lanczos_step: one Lanczos step with a `num_steps`-row basis: the product, its
-      re-orthogonalization against the basis and the basis itself as an argument.
-    basis: bytes of the `num_steps`-row basis held by one device.
+    eigenvalues: the program `ls.eigenvalues` runs with the same arguments (the
+      adaptive loop or the fixed-step scan, its basis, start vector, repeat checks and
+      residuals): what the call holds at its peak.
+    basis: bytes of that program's Lanczos basis (`rows` rows) held by one device.
     params: bytes of the parameters held by one device; `params_total`: all of them.
     """
 
     matvec: MemoryEstimate
-    lanczos_step: MemoryEstimate
+    eigenvalues: MemoryEstimate
     basis: int
+    rows: int
     params: int
     params_total: int
 
 
-def _abstract(tree: Any, rows: int | None = None) -> Any:
-    """ShapeDtypeStructs like `tree` (with a leading axis of `rows`), keeping each
-    leaf's sharding (the rows axis unsplit)."""
-    def one(x):
-        shape = (() if rows is None else (rows,)) + tuple(np.shape(x))
-        s = getattr(x, "sharding", None)
-        if isinstance(s, NamedSharding):
-            spec = tuple(s.spec) + (None,) * (np.ndim(x) - len(s.spec))
-            s = NamedSharding(s.mesh, P(*((None,) if rows is not None else ()), *spec))
-            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=s)
-        return jax.ShapeDtypeStruct(shape, x.dtype)
+def device_memory(op: Any, k: int = 1, *, which: str = "top", tol: float | None = None,
+                  num_steps: int | None = None, max_steps: int | None = None,
+                  check: bool | None = None, mode: str = "auto",
+                  budget: int | None = None) -> DeviceMemory:
+    """Per-device memory of `op`'s product and of the `ls.eigenvalues` call with these
+    arguments, from the compiled programs (nothing runs).
 
-    return jax.tree.map(one, tree)
-
-
-def device_memory(op: Any, num_steps: int = 30) -> DeviceMemory:
-    """Per-device memory of `op`'s products and of a `num_steps`-row Lanczos basis, from
-    the compiled programs (nothing runs).
-
-    For an operator whose parameters are sharded (`ls.shard(op, mesh=...)`) XLA's
-    analysis is of the partitioned program, i.e. one device's share. `num_steps` is the
-    basis `eigenvalues` allocates: its `max_steps` (default `max(3k, k + 30)` rows for
-    k wanted values: 31 for λ_max).
+    The arguments are `eigenvalues`' own, and the program compiled is the one that call
+    runs (so a later call with them reuses the compilation). For an operator whose
+    parameters are sharded (`ls.shard(op, mesh=...)`) XLA's analysis is of the
+    partitioned program, i.e. one device's share. The basis has `max_steps` rows
+    (default `max(3w, w + 30)` for `w` wanted values: 31 for λ_max, 33 for the top 3),
+    or `num_steps` for a fixed-step run: lower `max_steps` to fit a budget.
 
     Example:
       >>> mesh = jax.make_mesh((2, 4), ("data", "model"))
       >>> H = ls.shard(ls.hessian(loss_fn, params, batch, chunk_size=8), mesh=mesh)
-      >>> mem = ls.memory.device_memory(H, num_steps=33)
-      >>> mem.matvec.total / 2**30, mem.basis / 2**30          # GiB per device
+      >>> mem = ls.memory.device_memory(H, k=3)
+      >>> mem.eigenvalues.total / 2**30, mem.basis / 2**30      # GiB per device
     """
-    num_steps = _validate.positive_int(num_steps, "num_steps")
-    matvec = matvec_memory(op)
-    basis = _abstract(op.params, num_steps)
-    q = _abstract(op.params)
-
-    def step(o, basis, q):
-        w = o.matvec(q)
-        w = V.axpy(-V.dot(q, w), q, w)
-        w = V.orthogonalize(basis, w)
-        return V.scale(1.0 / V.norm(w), w)
-
-    lanczos = memory_estimate(step, op, basis, q)
+    if not hasattr(op, "matvec") or not hasattr(op, "params"):
+        raise ValueError("`op` must be a landscape operator (with `matvec` and `params`); "
+                         f"got {type(op).__name__}.")
+    program = spectrum._program(op, k, jax.random.key(0), which, tol, num_steps,
+                                max_steps, check, None, "lanczos", 1, mode, budget)
+    eigen = _estimate(program.fn.lower(*program.args, **program.static).compile())
     per_row = device_bytes(op.params)
-    return DeviceMemory(matvec, lanczos, num_steps * per_row, per_row, tree_bytes(op.params))
-
-
-def default_budget(fraction: float = 0.25, device: Any = None) -> int:
-    """`fraction` of a device's memory, in bytes: what Basin lets stored residuals take
-    by default (`ls.prepared`, probe blocks of `ls.trace` and `ls.diagonal`).
-
-    An accelerator reports its limit (`memory_stats()["bytes_limit"]`); a CPU device
-    reports none, and the machine's physical memory stands in.
-
-    Example:
-      >>> ls.memory.default_budget() / 2**30   # GiB
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"`fraction` must be in (0, 1]; got {fraction!r}.")
-    device = device or jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    total = (stats or {}).get("bytes_limit")
-    if not total:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(fraction * total)
+    return DeviceMemory(matvec_memory(op), eigen, program.rows * per_row, program.rows,
+                        per_row, tree_bytes(op.params))
 
 
 def _divisors(n: int) -> list[int]:

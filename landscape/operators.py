@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from landscape import _validate, losses, memory, sharding
+from landscape import _bytes, _validate, losses, sharding
 from landscape.chunking import chunk_mean
 
 Loss = str | Callable[[Any, Any], jax.Array]
@@ -411,7 +411,7 @@ def prepared(op, mode: str = "auto", budget: int | None = None):
                              "examples are split over devices; use 'auto' or 'plain'.")
         return op
     if mode == "auto":
-        limit = memory.default_budget() if budget is None else budget
+        limit = _bytes.default_budget() if budget is None else budget
         if product_bytes(op) > limit:
             return op
     outputs, linear = _linearize(op)
@@ -430,12 +430,12 @@ def product_bytes(op) -> int:
         op = op.base
     if isinstance(op, CurvatureOperator):
         if op.shards is not None:  # stays plain (`prepared`): its tangents, per device
-            return memory.tree_bytes(jax.eval_shape(lambda o: _linearize(
+            return _bytes.tree_bytes(jax.eval_shape(lambda o: _linearize(
                 dataclasses.replace(o, shards=None))[1], op)) // op.shards[0].size
-        return memory.tree_bytes(jax.eval_shape(lambda o: _linearize(o)[1], op))
+        return _bytes.tree_bytes(jax.eval_shape(lambda o: _linearize(o)[1], op))
     if dataclasses.is_dataclass(op) and "op" in {f.name for f in dataclasses.fields(op)}:
         return product_bytes(op.op)
-    return memory.tree_bytes(op.params)
+    return _bytes.tree_bytes(op.params)
 
 
 # ------------------------------------------------------------------ builders ---

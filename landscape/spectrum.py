@@ -64,20 +64,21 @@ def _unit(v):
     return V.scale(1.0 / V.norm(v), v)
 
 
-def _restart_vector(basis, key, like):
-    r = V.orthogonalize(basis, V.normal(key, like))
+def _restart_vector(basis, key, like, draw=None):
+    r = V.orthogonalize(basis, V.normal(key, like) if draw is None else draw(key))
     dtype = _info(like)[1]
     return V.scale(1.0 / jnp.maximum(V.norm(r), jnp.finfo(dtype).tiny), r)
 
 
-def lanczos(mv, v0: Any, num_steps: int, key: jax.Array):
+def lanczos(mv, v0: Any, num_steps: int, key: jax.Array, *, draw=None):
     """`num_steps` Lanczos steps from `v0` with full re-orthogonalization.
 
     `v0` is a flat vector or a pytree like the parameters (`mv` maps such vectors to
     such vectors). Returns `(alphas, betas, basis)`: the tridiagonal matrix's diagonal
     `(m,)`, its couplings `(m,)` (`betas[j]` couples steps j and j+1; zero marks a
     restart) and the orthonormal basis, `(m, n)` for a flat `v0` and otherwise a
-    pytree like `v0` with a leading axis m.
+    pytree like `v0` with a leading axis m. `draw(key)`: the random vector a
+    breakdown restarts from (default: normal draws shaped like `v0`).
     """
     n, dtype = _info(v0)
     tol = 10.0 * jnp.sqrt(n) * jnp.finfo(dtype).eps
@@ -93,7 +94,7 @@ def lanczos(mv, v0: Any, num_steps: int, key: jax.Array):
         scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
         key, sub = jax.random.split(key)
         broke = beta <= tol * scale
-        q_next = jax.lax.cond(broke, lambda: _restart_vector(basis, sub, v0),
+        q_next = jax.lax.cond(broke, lambda: _restart_vector(basis, sub, v0, draw),
                               lambda: V.scale(1.0 / jnp.where(broke, 1.0, beta), w))
         beta = jnp.where(broke, 0.0, beta)
         return (basis, q_next, q, beta, scale, key), (alpha, beta)
@@ -147,18 +148,12 @@ def _products(op, mode, budget):
     return prepared(op, mode, budget).matvec
 
 
-def _flat(op, mv):
-    """`(mv on flat leaves, to flat leaves, back to shaped leaves)` for loops that keep a
-    basis: a loop-carried stack of matrix-shaped leaves `(m, a, b)` makes XLA:CPU's
-    products with it several times slower than with `(m, a·b)` rows (measured 7× for
-    a 31-row basis of a 23 050-parameter MLP), so the Lanczos loops store each leaf
-    flat. Not for sharded parameters, where a reshape could move a split dimension:
-    their leaves keep the parameters' shapes and shardings."""
-    if op.sharded:
-        return mv, (lambda v: v), (lambda v: v)
-    like = op.params
-    return (lambda x: V.flat_leaves(mv(V.shaped_like(x, like))), V.flat_leaves,
-            lambda x: V.shaped_like(x, like))
+def _flat(op, mv, splits):
+    """`(mv on flat leaves, to flat leaves, back to shaped leaves)` for the loops that
+    keep a basis (`V.flat_layout`: a leaf split over devices becomes one row per
+    device, so the reshape moves no data); `splits` is `V.split_dims(op.params)`."""
+    to_flat, to_shaped = V.flat_layout(op.params, splits)
+    return (lambda x: to_flat(mv(to_shaped(x)))), to_flat, to_shaped
 
 
 def _cold_start(op, key, which):
@@ -175,12 +170,14 @@ def _cold_start(op, key, which):
     return V.axpy(jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0), g, v)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "which", "num_steps", "mode", "budget"))
-def _lanczos_eigen(op, key, *, k, which, num_steps, mode, budget):
-    mv, flat, shaped = _flat(op, _products(op, mode, budget))
+@functools.partial(jax.jit, static_argnames=("k", "which", "num_steps", "mode", "budget",
+                                             "splits"))
+def _lanczos_eigen(op, key, *, k, which, num_steps, mode, budget, splits):
+    mv, flat, shaped = _flat(op, _products(op, mode, budget), splits)
     k_start, k_restart = jax.random.split(key)
     v0 = V.normal(k_start, op.params)
-    alphas, betas, basis = lanczos(mv, flat(v0), num_steps, k_restart)
+    alphas, betas, basis = lanczos(mv, flat(v0), num_steps, k_restart,
+                                   draw=lambda k: flat(V.normal(k, op.params)))
     theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
     idx = _pick(theta, k, which)
     values = theta[idx]
@@ -236,7 +233,7 @@ def _ritz(st: _State, beta, *, k, which, tol) -> _Ritz:
     return _Ritz(theta[idx], s[:, idx], (st.j + 1 >= idx.shape[0]) & jnp.all(ok))
 
 
-def _adaptive_step(mv, st: _State, *, k, which, tol) -> tuple[_State, _Ritz]:
+def _adaptive_step(mv, st: _State, *, k, which, tol, draw) -> tuple[_State, _Ritz]:
     """One Lanczos product (as `lanczos`), then the stopping test."""
     cap = st.alphas.shape[0]
     n, dtype = _info(st.q)
@@ -253,7 +250,7 @@ def _adaptive_step(mv, st: _State, *, k, which, tol) -> tuple[_State, _Ritz]:
     st = st._replace(basis=basis, alphas=st.alphas.at[j].set(alpha))
     ritz = _ritz(st, beta, k=k, which=which, tol=tol)
     key, sub = jax.random.split(st.key)
-    q_next = jax.lax.cond(broke, lambda: _restart_vector(basis, sub, st.q),
+    q_next = jax.lax.cond(broke, lambda: _restart_vector(basis, sub, st.q, draw),
                           lambda: V.scale(1.0 / jnp.where(broke, 1.0, beta), w))
     return st._replace(
         j=j + 1, couple=st.couple.at[j].set(jnp.where(broke, 0.0, beta)),
@@ -262,7 +259,7 @@ def _adaptive_step(mv, st: _State, *, k, which, tol) -> tuple[_State, _Ritz]:
         done=ritz.done | (j + 1 >= cap), key=key), ritz
 
 
-def _adaptive_run(mv, v0, key, tol, *, k, which, cap, keep=False):
+def _adaptive_run(mv, v0, key, tol, *, k, which, cap, draw, keep=False):
     """Lanczos from `v0` until the wanted pairs converge or `cap` rows are filled.
 
     Returns `(values, vectors, steps, products)`, the wanted pairs ordered as `_pick`
@@ -279,7 +276,7 @@ def _adaptive_run(mv, v0, key, tol, *, k, which, cap, keep=False):
                 products=V.zeros(v0, cap) if keep else None)
     ritz = _Ritz(jnp.zeros((wanted,), dtype), jnp.zeros((cap, wanted), dtype),
                  jnp.zeros((), bool))
-    step = functools.partial(_adaptive_step, mv, k=k, which=which, tol=tol)
+    step = functools.partial(_adaptive_step, mv, k=k, which=which, tol=tol, draw=draw)
     st, ritz = jax.lax.while_loop(lambda c: ~c[0].done, lambda c: step(c[0]), (st, ritz))
     products = None if st.products is None else V.combine(ritz.coeffs, st.products)
     return ritz.values, V.combine(ritz.coeffs, st.basis), st.j, products
@@ -315,7 +312,7 @@ def _merge(found: _Found, z_vals, z_vecs, *, k, which, tol):
     return values, vectors, new
 
 
-def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks) -> _Found:
+def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks, draw) -> _Found:
     """Search the complement of the found vectors for values beyond the k-th.
 
     Each check is an adaptive run (k=1 per end) on the deflated operator
@@ -325,7 +322,6 @@ def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks) -> _Fou
     found pairs' own residual size. A missed copy of a repeated eigenvalue (or a missed
     eigenvalue) beats the k-th value and joins; the checks end when one finds nothing.
     """
-    like = V.row(found.vectors, 0)
     inner = "both" if which == "both" else which
 
     def body(f: _Found) -> _Found:
@@ -336,9 +332,9 @@ def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks) -> _Fou
             return V.orthogonalize(y, mv(x))
 
         key, k_v, k_r = jax.random.split(f.key, 3)
-        v0 = V.orthogonalize(y, V.normal(k_v, like))
+        v0 = V.orthogonalize(y, draw(k_v))
         z_vals, z_vecs, steps, _ = _adaptive_run(deflated, v0, k_r, tol, k=1, which=inner,
-                                              cap=cap)
+                                              cap=cap, draw=draw)
         z_vecs = V.orthogonalize_rows(y, z_vecs)
         z_norms = V.row_norms(z_vecs)
         z_vecs = jax.tree.map(
@@ -351,21 +347,27 @@ def _check_repeats(mv, found: _Found, tol, *, k, which, cap, max_checks) -> _Fou
 
 
 @functools.partial(jax.jit, static_argnames=("k", "which", "cap", "max_checks", "keep",
-                                             "mode", "budget"))
-def _adaptive_eigen(op, key, tol, init, *, k, which, cap, max_checks, keep, mode, budget):
+                                             "mode", "budget", "splits"))
+def _adaptive_eigen(op, key, tol, init, *, k, which, cap, max_checks, keep, mode, budget,
+                    splits):
     """The adaptive Lanczos run, the repeat checks, then the pairs' residuals: from the
     run's kept products when `keep` (no checks then), otherwise one product each."""
     op = prepared(op, mode, budget)
-    mv, flat, shaped = _flat(op, op.matvec)
+    mv, flat, shaped = _flat(op, op.matvec, splits)
     k_start, k_restart = jax.random.split(key)
     v0 = flat(_cold_start(op, k_start, which) if init is None else init)
+
+    def draw(key):   # random vectors drawn in the parameters' shapes: the same on any mesh
+        return flat(V.normal(key, op.params))
+
     values, vectors, steps, products = _adaptive_run(mv, v0, k_restart, tol, k=k,
-                                                     which=which, cap=cap, keep=keep)
+                                                     which=which, cap=cap, draw=draw,
+                                                     keep=keep)
     found = _Found(values, vectors, steps, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
                    jax.random.fold_in(k_restart, 1))
     if max_checks:
         found = _check_repeats(mv, found, tol, k=k, which=which, cap=cap,
-                               max_checks=max_checks)
+                               max_checks=max_checks, draw=draw)
     checked = (found.checks > 0) & ~found.new
     if keep:   # A·y from the products taken, not from the recurrence: no product more
         res, count = V.row_norms(V.sub(products, _scale_rows(values, vectors))), steps
@@ -435,8 +437,23 @@ def _start_vector(init, op) -> jax.Array | None:
                         init.vectors, op.params)
 
 
-def _lanczos_call(op, key, k, which, tol, num_steps, max_steps, check, init, mode, budget):
-    """Dispatch to the fixed-step or the adaptive routine; returns its raw outputs."""
+class _Program(NamedTuple):
+    """The jitted routine an `eigenvalues` call runs, `fn(*args, **static)`; `rows`, the
+    rows of its Lanczos basis; `finish`, its raw outputs to `(values, vectors,
+    residuals, loss, num_matvecs, checked)`; `tol`, the `converged` test.
+    `ls.memory.device_memory` compiles it."""
+
+    fn: Any
+    args: tuple
+    static: dict
+    rows: int
+    finish: Any
+    tol: float = 0.0
+
+
+def _lanczos_program(op, key, k, which, tol, num_steps, max_steps, check, init, mode,
+                     budget) -> _Program:
+    """The fixed-step or the adaptive routine, with its arguments."""
     n = op.size
     wanted = 2 * k if which == "both" else k
     if num_steps is not None:
@@ -447,9 +464,11 @@ def _lanczos_call(op, key, k, which, tol, num_steps, max_steps, check, init, mod
         if steps < wanted:
             raise ValueError(f"`num_steps`={num_steps} is fewer than the {wanted} "
                              "eigenvalues asked for.")
-        values, vectors, res, loss = _lanczos_eigen(op, key, k=k, which=which,
-                                                    num_steps=steps, mode=mode, budget=budget)
-        return values, vectors, res, loss, jnp.asarray(steps + wanted), jnp.asarray(k == 1)
+        return _Program(_lanczos_eigen, (op, key),
+                        dict(k=k, which=which, num_steps=steps, mode=mode, budget=budget,
+                             splits=V.split_dims(op.params)),
+                        steps, lambda out: (*out, jnp.asarray(steps + wanted),
+                                            jnp.asarray(k == 1)))
     checks = (wanted + 1) if (check and k > 1) else 0
     if max_steps is None:
         cap = _fixed_steps(n, wanted)
@@ -458,11 +477,42 @@ def _lanczos_call(op, key, k, which, tol, num_steps, max_steps, check, init, mod
     if cap < wanted:
         raise ValueError(f"`max_steps`={max_steps} is fewer than the {wanted} eigenvalues "
                          "asked for.")
-    out = _adaptive_eigen(op, key, jnp.asarray(tol, op.dtype), _start_vector(init, op),
-                          k=k, which=which, cap=cap, max_checks=checks,
-                          keep=not checks and _keeps_products(op, cap), mode=mode,
-                          budget=budget)
-    return (*out[:5], out[5] | (k == 1))
+    return _Program(_adaptive_eigen,
+                    (op, key, jnp.asarray(tol, op.dtype), _start_vector(init, op)),
+                    dict(k=k, which=which, cap=cap, max_checks=checks,
+                         keep=not checks and _keeps_products(op, cap), mode=mode,
+                         budget=budget, splits=V.split_dims(op.params)),
+                    cap, lambda out: (*out[:5], out[5] | (k == 1)))
+
+
+def _program(op, k, key, which, tol, num_steps, max_steps, check, init, method,
+             max_iters, mode, budget) -> _Program:
+    """`eigenvalues`' arguments checked, and the routine they select."""
+    _validate.choice(which, "which", ("top", "bottom", "both"))
+    _validate.choice(method, "method", ("lanczos", "power"))
+    _check_mode(mode, budget)
+    k = _validate.positive_int(k, "k")
+    if tol is None:
+        tol = 1e-3 if method == "power" else 1e-2
+    if not tol > 0:
+        raise ValueError(f"`tol` must be positive; got {tol!r}.")
+    if check is not None and not isinstance(check, bool):
+        raise ValueError(f"`check` must be True, False or None; got {check!r}.")
+    n = op.size
+    wanted = 2 * k if which == "both" else k
+    if wanted > n:
+        raise ValueError(f"`k`={k} asks for {wanted} eigenvalues of an operator of "
+                         f"dimension {n}.")
+    if method == "lanczos":
+        return _lanczos_program(op, key, k, which, tol, num_steps, max_steps,
+                                (init is None) if check is None else check, init, mode,
+                                budget)._replace(tol=tol)
+    if which != "top":
+        raise ValueError("method='power' finds only which='top'; use 'lanczos'.")
+    iters = _validate.positive_int(max_iters, "max_iters")
+    return _Program(_power_eigen, (op, key, tol),
+                    dict(k=k, max_iters=iters, mode=mode, budget=budget), k,
+                    lambda out: (*out, jnp.asarray(k == 1)), tol)
 
 
 def eigenvalues(op, k: int = 1, *, key: jax.Array, which: str = "top",
@@ -551,34 +601,11 @@ def eigenvalues(op, k: int = 1, *, key: jax.Array, which: str = "top",
       >>> eig.values, eig.residuals, eig.num_matvecs
       >>> later = ls.eigenvalues(H_later, k=5, key=key, init=eig)   # warm start
     """
-    _validate.choice(which, "which", ("top", "bottom", "both"))
-    _validate.choice(method, "method", ("lanczos", "power"))
-    _check_mode(mode, budget)
-    k = _validate.positive_int(k, "k")
-    if tol is None:
-        tol = 1e-3 if method == "power" else 1e-2
-    if not tol > 0:
-        raise ValueError(f"`tol` must be positive; got {tol!r}.")
-    if check is not None and not isinstance(check, bool):
-        raise ValueError(f"`check` must be True, False or None; got {check!r}.")
-    n = op.size
-    wanted = 2 * k if which == "both" else k
-    if wanted > n:
-        raise ValueError(f"`k`={k} asks for {wanted} eigenvalues of an operator of "
-                         f"dimension {n}.")
-    if method == "power":
-        if which != "top":
-            raise ValueError("method='power' finds only which='top'; use 'lanczos'.")
-        iters = _validate.positive_int(max_iters, "max_iters")
-        values, vectors, res, loss, count = _power_eigen(op, key, tol, k=k, max_iters=iters,
-                                                         mode=mode, budget=budget)
-        checked = jnp.asarray(k == 1)
-    else:
-        values, vectors, res, loss, count, checked = _lanczos_call(
-            op, key, k, which, tol, num_steps, max_steps,
-            (init is None) if check is None else check, init, mode, budget)
+    p = _program(op, k, key, which, tol, num_steps, max_steps, check, init, method,
+                 max_iters, mode, budget)
+    values, vectors, res, loss, count, checked = p.finish(p.fn(*p.args, **p.static))
     _validate.check_finite("The operator", values, res, loss)
-    converged = res <= tol * jnp.abs(values)
+    converged = res <= p.tol * jnp.abs(values)
     return Eigen(values, vectors, res, converged, count, checked)
 
 
@@ -625,15 +652,17 @@ def _smooth(nodes, weights, grid, sigma):
 
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "num_steps", "num_points",
-                                             "block_size", "mode", "budget"))
-def _slq(op, key, sigma, *, num_probes, num_steps, num_points, block_size, mode, budget):
-    mv, flat, _ = _flat(op, _products(op, mode, budget))
+                                             "block_size", "mode", "budget", "splits"))
+def _slq(op, key, sigma, *, num_probes, num_steps, num_points, block_size, mode, budget,
+         splits):
+    mv, flat, _ = _flat(op, _products(op, mode, budget), splits)
     dtype = _info(op.params)[1]
     k_probe, k_restart = jax.random.split(key)
 
     def one(args):
         kp, k = args
-        alphas, betas, _ = lanczos(mv, flat(V.rademacher(kp, op.params)), num_steps, k)
+        alphas, betas, _ = lanczos(mv, flat(V.rademacher(kp, op.params)), num_steps, k,
+                                   draw=lambda key: flat(V.normal(key, op.params)))
         theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
         return theta, s[0] ** 2
 
@@ -698,6 +727,7 @@ def density(op, *, key: jax.Array, num_probes: int = 10, num_steps: int = 80,
     block = _block_size(block_size, num_probes, num_steps, op)
     out, loss = _slq(op, key, jnp.asarray(-1.0 if sigma is None else sigma),
                      num_probes=num_probes, num_steps=num_steps, num_points=num_points,
-                     block_size=block, mode=mode, budget=budget)
+                     block_size=block, mode=mode, budget=budget,
+                     splits=V.split_dims(op.params))
     _validate.check_finite("The operator", out[0], out[1], loss)
     return Density(*out)

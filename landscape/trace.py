@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from landscape import _validate, memory
+from landscape import _bytes, _validate
 from landscape import _vectors as V
 from landscape.operators import MODES, prepared, product_bytes
 
@@ -61,7 +61,7 @@ def block_size_for(op, num_probes: int, block_size: int | None = None,
     if budget is None:
         if jax.default_backend() == "cpu":
             return 1
-        budget = memory.default_budget()
+        budget = _bytes.default_budget()
     return int(max(1, min(num_probes, budget // max(product_bytes(op), 1))))
 
 

@@ -94,3 +94,49 @@ def test_chunk_size_for_budget_picks_the_largest_chunk_that_fits():
         memory.chunk_size_for_budget(build, budget, num_examples=n, candidates=[500])
     with pytest.raises(ValueError, match="op"):
         memory.matvec_memory(lambda v: v)
+
+
+def _mlp_hessian(width=64, layers=3):
+    keys = jax.random.split(jax.random.key(0), layers + 2)
+    params = [jax.random.normal(k, (width, width)) / math.sqrt(width) for k in keys[:layers]]
+    x = jax.random.normal(keys[-2], (32, width))
+    y = jax.random.randint(keys[-1], (32,), 0, width)
+
+    def loss_fn(p, batch):
+        h = batch[0]
+        for w in p:
+            h = jnp.tanh(h @ w)
+        return -jnp.mean(jax.nn.log_softmax(h)[jnp.arange(h.shape[0]), batch[1]])
+
+    return ls.hessian(loss_fn, params, (x, y))
+
+
+def test_device_memory_compiles_the_program_eigenvalues_runs(caplog):
+    H = _mlp_hessian()
+    n, row = H.size, H.size * jnp.dtype(H.dtype).itemsize
+    mem = memory.device_memory(H, k=3, max_steps=12, check=False, mode="plain")
+    assert (mem.rows, mem.basis, mem.params, mem.params_total) == (12, 12 * row, row, row)
+    # The program holds its basis (and, without checks and this small, a second stack
+    # of the products taken), its parameters and its three output vectors.
+    assert mem.eigenvalues.total >= 2 * mem.basis + row + 3 * row
+    assert mem.eigenvalues.output >= 3 * row
+    # The call with the same arguments compiles nothing more.
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        eig = ls.eigenvalues(H, k=3, key=jax.random.key(7), max_steps=12, check=False,
+                             mode="plain")
+    assert not [r for r in caplog.records if "_adaptive_eigen" in r.getMessage()
+                and "compilation" in r.getMessage()], caplog.text
+    assert eig.values.shape == (3,)
+    # Rows: the defaults of eigenvalues (max(3w, w + 30)), a fixed-step run's steps.
+    assert memory.device_memory(H).rows == 31
+    assert memory.device_memory(H, k=2, which="both").rows == 34
+    fixed = memory.device_memory(H, num_steps=20)
+    assert fixed.rows == 20 and fixed.eigenvalues.total >= 20 * row
+    # More rows: at least one basis row more per row, measured from two compilations.
+    small = memory.device_memory(H, k=3, max_steps=6, check=False, mode="plain")
+    assert mem.eigenvalues.total - small.eigenvalues.total >= 6 * row
+    assert n == 3 * 64 * 64
+    with pytest.raises(ValueError, match="max_steps"):
+        memory.device_memory(H, k=3, max_steps=2)
+    with pytest.raises(ValueError, match="operator"):
+        memory.device_memory(object())
