@@ -74,7 +74,7 @@ def _split_dim(p: Any):
         names = entry if isinstance(entry, tuple) else (entry,)
         parts = math.prod(s.mesh.shape[a] for a in names if a is not None)
         if parts > 1:
-            split.append((d, parts, NamedSharding(s.mesh, P(entry, None))))
+            split.append((d, parts, NamedSharding(s.mesh, P(entry))))
     return () if not split else (split[0] if len(split) == 1 else None)
 
 
@@ -88,17 +88,20 @@ def split_dims(tree: Any) -> tuple:
 
 def flat_layout(like: Any, splits: tuple | None = None) -> tuple[Any, Any]:
     """`(to_flat, to_shaped)` for vectors and stacks shaped like `like`: each leaf as
-    flat rows, and back (the tree structure stays; stacks keep their leading axes).
+    a flat vector, and back (the tree structure stays; stacks keep their leading axes).
 
     `splits` (`split_dims` of the parameters, taken outside of jit; default: nothing
-    split) says how each leaf is placed. A leaf on one device, or replicated, becomes
-    a flat vector. A leaf whose sharding splits one dimension into `parts` becomes a
-    `(parts, size / parts)` matrix split over its first axis, each row one device's
-    shard in its own order, so the reshape moves no data between devices. A leaf split
-    over several dimensions keeps its shape. Loops that carry a basis keep it in this
-    layout: XLA handles a loop-carried stack of matrix-shaped leaves poorly (on CPU,
-    products with a 31-row basis of `(m, a, b)` leaves ran 7× slower than with
-    `(m, a·b)` rows, and a partitioned program held three copies of such a basis)."""
+    split) says how each leaf is placed. A leaf on one device, or replicated, is
+    flattened in its own order. A leaf whose sharding splits one dimension into
+    `parts` is flattened shard after shard (the split dimension moved first), so the
+    flat vector is split evenly over the same devices, each holding its own shard: the
+    reshape moves no data. A leaf split over several dimensions keeps its shape.
+
+    Loops that carry a basis keep it in this layout: XLA handles loop-carried stacks
+    of matrix-shaped leaves poorly. On CPU, products with a 31-row basis of `(m, a, b)`
+    leaves ran 7× slower than with `(m, a·b)` rows, and a program partitioned over 8
+    devices held 4.3 basis-sized buffers per device where it now holds 1.4.
+    """
     kinds = splits if splits is not None else tuple(() for _ in leaves(like))
     treedef = jax.tree.structure(like)
     shapes = [tuple(jnp.shape(p)) for p in leaves(like)]
@@ -114,7 +117,7 @@ def flat_layout(like: Any, splits: tuple | None = None) -> tuple[Any, Any]:
             else:
                 d, parts, sharding = kind
                 y = x.reshape(lead + shape[:d] + (parts, shape[d] // parts) + shape[d + 1:])
-                y = jnp.moveaxis(y, len(lead) + d, len(lead)).reshape(lead + (parts, -1))
+                y = jnp.moveaxis(y, len(lead) + d, len(lead)).reshape(lead + (-1,))
                 spec = P(*((None,) * len(lead)), *sharding.spec)
                 out.append(jax.lax.with_sharding_constraint(
                     y, NamedSharding(sharding.mesh, spec)))
@@ -126,7 +129,7 @@ def flat_layout(like: Any, splits: tuple | None = None) -> tuple[Any, Any]:
             if kind is None:
                 out.append(x)
                 continue
-            lead = x.shape[:x.ndim - (1 if kind == () else 2)]
+            lead = x.shape[:-1]
             if kind == ():
                 out.append(x.reshape(lead + shape))
                 continue

@@ -140,12 +140,12 @@ def test_no_device_holds_the_whole_parameter_vector():
     # each layer; a layer is 1/5 of the parameters here).
     assert eight["matvec"]["total"] < 0.7 * full, eight["matvec"]
     assert eight["matvec"]["temp"] < 0.35 * full, eight["matvec"]
-    # The whole eigenvalues program (20 fixed steps): its basis, at most two more
-    # basis-sized temporaries (measured 1.5: XLA's copies around the in-place update
-    # of the loop-carried basis) and one product's: not a replicated basis, which
-    # would hold 20 full parameter vectors (8x this basis).
+    # The whole eigenvalues program (20 fixed steps): temporaries of one basis and
+    # less than one more (measured 1.4 basis sizes in all, as on one device; 4.3 when
+    # the loop kept the leaves' shapes) and one product's. A replicated basis would
+    # hold 20 full parameter vectors (8x this basis).
     mem = eight["eigenvalues"]
     assert mem["total"] >= eight["basis"] + eight["params"]
-    assert mem["temp"] < 3 * eight["basis"] + 0.35 * full, (mem, eight["basis"], full)
+    assert mem["temp"] < 2 * eight["basis"] + 0.35 * full, (mem, eight["basis"], full)
     for prog in ("matvec", "eigenvalues"):
         assert eight[prog]["total"] < one[prog]["total"] / 3, prog
