@@ -54,17 +54,6 @@ def zeros(like: Any, rows: int | None = None) -> Any:
     return jax.tree.map(lambda p: jnp.zeros(lead + jnp.shape(p), jnp.result_type(p)), like)
 
 
-def flat_leaves(tree: Any) -> Any:
-    """Each leaf as a flat vector (the tree structure stays)."""
-    return jax.tree.map(lambda x: x.reshape(-1), tree)
-
-
-def shaped_like(flat: Any, like: Any) -> Any:
-    """Undo `flat_leaves`: each leaf reshaped to its parameter's shape, keeping any
-    leading (stack) axes."""
-    return jax.tree.map(lambda x, p: x.reshape(x.shape[:-1] + jnp.shape(p)), flat, like)
-
-
 def _split_dim(p: Any):
     s = getattr(p, "sharding", None)
     if not isinstance(s, NamedSharding):

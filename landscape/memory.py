@@ -20,7 +20,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-
 from landscape import _validate, spectrum
 from landscape._bytes import default_budget, device_bytes, tree_bytes
 
@@ -78,6 +77,12 @@ def _estimate(compiled: Any) -> MemoryEstimate:
     return MemoryEstimate(argument, output, temp, alias, argument + output + temp - alias)
 
 
+def _check_operator(op: Any) -> None:
+    if not hasattr(op, "matvec") or not hasattr(op, "params"):
+        raise ValueError("`op` must be a landscape operator (with `matvec` and `params`); "
+                         f"got {type(op).__name__}.")
+
+
 def _product(o, w):
     return o.matvec(w)
 
@@ -94,12 +99,8 @@ def matvec_memory(op: Any) -> MemoryEstimate:
     Example:
       >>> ls.memory.matvec_memory(ls.ggn(apply_fn, params, data, chunk_size=256)).total
     """
-    if not hasattr(op, "matvec") or not hasattr(op, "params"):
-        raise ValueError("`op` must be a landscape operator (with `matvec` and `params`); "
-                         f"got {type(op).__name__}.")
+    _check_operator(op)
     return memory_estimate(_product, op, _abstract(op.params))
-
-
 
 
 class DeviceMemory(NamedTuple):
@@ -142,9 +143,7 @@ def device_memory(op: Any, k: int = 1, *, which: str = "top", tol: float | None 
       >>> mem = ls.memory.device_memory(H, k=3)
       >>> mem.eigenvalues.total / 2**30, mem.basis / 2**30      # GiB per device
     """
-    if not hasattr(op, "matvec") or not hasattr(op, "params"):
-        raise ValueError("`op` must be a landscape operator (with `matvec` and `params`); "
-                         f"got {type(op).__name__}.")
+    _check_operator(op)
     program = spectrum._program(op, k, jax.random.key(0), which, tol, num_steps,
                                 max_steps, check, None, "lanczos", 1, mode, budget)
     eigen = _estimate(program.fn.lower(*program.args, **program.static).compile())

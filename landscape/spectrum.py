@@ -149,11 +149,14 @@ def _products(op, mode, budget):
 
 
 def _flat(op, mv, splits):
-    """`(mv on flat leaves, to flat leaves, back to shaped leaves)` for the loops that
-    keep a basis (`V.flat_layout`: a leaf split over devices becomes one row per
-    device, so the reshape moves no data); `splits` is `V.split_dims(op.params)`."""
+    """`(mv on flat leaves, to flat leaves, back to shaped leaves, draw)` for the loops
+    that keep a basis (`V.flat_layout`: a leaf split over devices becomes one row per
+    device, so the reshape moves no data); `splits` is `V.split_dims(op.params)`.
+    `draw(key)` is a normal vector drawn in the parameters' shapes, then flattened:
+    the same numbers on any mesh."""
     to_flat, to_shaped = V.flat_layout(op.params, splits)
-    return (lambda x: to_flat(mv(to_shaped(x)))), to_flat, to_shaped
+    return ((lambda x: to_flat(mv(to_shaped(x)))), to_flat, to_shaped,
+            lambda key: to_flat(V.normal(key, op.params)))
 
 
 def _cold_start(op, key, which):
@@ -173,11 +176,10 @@ def _cold_start(op, key, which):
 @functools.partial(jax.jit, static_argnames=("k", "which", "num_steps", "mode", "budget",
                                              "splits"))
 def _lanczos_eigen(op, key, *, k, which, num_steps, mode, budget, splits):
-    mv, flat, shaped = _flat(op, _products(op, mode, budget), splits)
+    mv, flat, shaped, draw = _flat(op, _products(op, mode, budget), splits)
     k_start, k_restart = jax.random.split(key)
     v0 = V.normal(k_start, op.params)
-    alphas, betas, basis = lanczos(mv, flat(v0), num_steps, k_restart,
-                                   draw=lambda k: flat(V.normal(k, op.params)))
+    alphas, betas, basis = lanczos(mv, flat(v0), num_steps, k_restart, draw=draw)
     theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
     idx = _pick(theta, k, which)
     values = theta[idx]
@@ -353,13 +355,9 @@ def _adaptive_eigen(op, key, tol, init, *, k, which, cap, max_checks, keep, mode
     """The adaptive Lanczos run, the repeat checks, then the pairs' residuals: from the
     run's kept products when `keep` (no checks then), otherwise one product each."""
     op = prepared(op, mode, budget)
-    mv, flat, shaped = _flat(op, op.matvec, splits)
+    mv, flat, shaped, draw = _flat(op, op.matvec, splits)
     k_start, k_restart = jax.random.split(key)
     v0 = flat(_cold_start(op, k_start, which) if init is None else init)
-
-    def draw(key):   # random vectors drawn in the parameters' shapes: the same on any mesh
-        return flat(V.normal(key, op.params))
-
     values, vectors, steps, products = _adaptive_run(mv, v0, k_restart, tol, k=k,
                                                      which=which, cap=cap, draw=draw,
                                                      keep=keep)
@@ -655,14 +653,14 @@ def _smooth(nodes, weights, grid, sigma):
                                              "block_size", "mode", "budget", "splits"))
 def _slq(op, key, sigma, *, num_probes, num_steps, num_points, block_size, mode, budget,
          splits):
-    mv, flat, _ = _flat(op, _products(op, mode, budget), splits)
+    mv, flat, _, draw = _flat(op, _products(op, mode, budget), splits)
     dtype = _info(op.params)[1]
     k_probe, k_restart = jax.random.split(key)
 
     def one(args):
         kp, k = args
         alphas, betas, _ = lanczos(mv, flat(V.rademacher(kp, op.params)), num_steps, k,
-                                   draw=lambda key: flat(V.normal(key, op.params)))
+                                   draw=draw)
         theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
         return theta, s[0] ** 2
 
